@@ -1,0 +1,36 @@
+# Everyday targets. `make demo` and `make test` work on a fresh machine: both bootstrap first.
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: bootstrap demo test test-unit test-integration lint format typecheck lock clean
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+demo: bootstrap
+	$(BIN)/refgen demo
+
+test: bootstrap
+	$(BIN)/python -m pytest
+
+test-unit: bootstrap
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: bootstrap
+	$(BIN)/python -m pytest tests/integration
+
+lint: bootstrap
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: bootstrap
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Re-pin after changing dependencies in pyproject.toml.
+lock: bootstrap
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^refgen' > constraints.txt
+
+clean:
+	rm -rf .refgen .pytest_cache .mypy_cache .ruff_cache

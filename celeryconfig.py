@@ -1,0 +1,49 @@
+"""Celery configuration, from the one ``Settings`` object.
+
+Each value here is a decision; README's Reliability section says why for the important ones.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from worker import constants as c
+from worker.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.redis_url
+result_backend = _settings.redis_url
+
+# JSON only: a broker that accepts pickle runs code for anyone who can write to it.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# A task is acked when it ends, not when it starts, and comes back if its process dies.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# One message per slot: a slow image never holds a second one hostage.
+worker_prefetch_multiplier = 1
+# Longer than the longest delivery (120 s image deadline, the upload's three attempts and a
+# Retry-After wait), so a slow image is never handed to a second worker while it runs.
+broker_transport_options = {"visibility_timeout": 600}
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+
+# For Flower.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+# Results must expire (a week: enough to read one by job id) but never with 0, which hangs
+# chords on the Redis backend.
+result_expires = timedelta(days=7)
+
+task_default_queue = c.DEFAULT_QUEUE
+worker_concurrency = _settings.reference_gen_concurrency
+worker_pool = _settings.reference_gen_pool
+# Our structlog lines go through the same handlers; Celery keeps ownership of the root logger.
+worker_hijack_root_logger = True
+worker_redirect_stdouts = False

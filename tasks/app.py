@@ -1,0 +1,51 @@
+"""The Celery app, and the clients each worker process builds once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import after_setup_logger, worker_init, worker_process_init
+
+from worker.logging import configure_logging
+from worker.services import Services
+from worker.settings import get_settings
+
+app = Celery("reference_generator", include=["tasks.reference"])
+app.config_from_object("celeryconfig")
+
+_lock = threading.Lock()
+_services: Services | None = None
+_services_pid: int | None = None
+
+
+def services() -> Services:
+    """This process's clients. Built once per process: a forked child builds its own rather
+    than inherit sockets from its parent."""
+    global _services, _services_pid
+    if _services is None or _services_pid != os.getpid():
+        with _lock:
+            if _services is None or _services_pid != os.getpid():
+                _services = Services.build(get_settings())
+                _services_pid = os.getpid()
+    return _services
+
+
+@worker_process_init.connect
+def _build_in_child(**_: Any) -> None:
+    services()
+
+
+@worker_init.connect
+def _build_in_worker(sender: Any = None, **_: Any) -> None:
+    # Threads and solo pools have no child processes, so no worker_process_init.
+    if get_settings().reference_gen_pool != "prefork":
+        services()
+
+
+@after_setup_logger.connect
+def _setup_logging(logger: logging.Logger, **_: Any) -> None:
+    configure_logging(get_settings())

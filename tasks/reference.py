@@ -1,0 +1,57 @@
+"""The canvas: ``start`` → chord(``generate_reference`` × N) → ``finalize``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import chord, states
+
+from tasks.app import app, services
+from worker import constants as c
+from worker.lifecycle import Duplicate, JobFinalizer, JobIntake, Launch
+from worker.models import ImageOutcome, ImageSpec
+from worker.pipeline import ImagePipeline, RetryIn
+
+
+# ignore_result: the job's result lives under the job id (finalize's task id); start's own
+# return value must never land there, even if a caller sends start with task_id=job_id.
+@app.task(name=c.TASK_START, bind=True, ignore_result=True)
+def start(
+    self: Any, job_id: object = None, plan: object = None, duration_seconds: object = None
+) -> dict[str, Any]:
+    admission = JobIntake(services()).admit(
+        job_id, plan, duration_seconds, task_id=self.request.id or ""
+    )
+    if isinstance(admission, Launch):
+        job = admission.plan
+        header = [generate_reference.s(spec.model_dump(mode="json")) for spec in job.images]
+        chord(header)(finalize.s(job.job_id).set(task_id=job.job_id))
+        return {"job_id": job.job_id, "status": "queued", "total_images": len(job.images)}
+    if isinstance(admission, Duplicate):
+        return {"job_id": job_id, "status": "duplicate", "claimed_by": admission.claimed_by}
+    if admission.job_id is not None:
+        # The text-only answer, readable by job id like any other result.
+        self.backend.store_result(admission.job_id, None, states.SUCCESS)
+    return {"job_id": admission.job_id, "status": "refused", "reason": admission.reason}
+
+
+@app.task(
+    name=c.TASK_GENERATE,
+    bind=True,
+    max_retries=c.GENERATION_MAX_ATTEMPTS - 1,
+    # A backstop for the prefork pool only; the image deadline itself is enforced in code.
+    soft_time_limit=300,
+    time_limit=330,
+)
+def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    image = ImageSpec.model_validate(spec)
+    step = ImagePipeline(services()).run(image, attempt=self.request.retries)
+    if isinstance(step, RetryIn):
+        raise self.retry(countdown=step.delay_s, max_retries=c.GENERATION_MAX_ATTEMPTS - 1)
+    return step.model_dump(mode="json")
+
+
+@app.task(name=c.TASK_FINALIZE, bind=True)
+def finalize(self: Any, results: list[dict[str, Any]], job_id: str) -> dict[str, Any] | None:
+    outcomes = [ImageOutcome.model_validate(r) for r in results if isinstance(r, dict)]
+    return JobFinalizer(services()).finalize(job_id, outcomes)

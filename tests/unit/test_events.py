@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import fakeredis
+import pydantic
+import pytest
+
+from worker import constants as c
+from worker.events import (
+    EventPublisher,
+    ImageCompleted,
+    ImageFailed,
+    JobError,
+    StageFinished,
+    StageStarted,
+    encode,
+)
+
+
+def test_wire_form_is_event_type_and_data() -> None:
+    message = json.loads(encode(StageStarted(total_images=4)))
+    assert message == {
+        "event_type": "stage_update",
+        "data": {"stage": "reference_generator", "status": "started", "total_images": 4},
+    }
+
+
+def test_costs_are_decimal_strings() -> None:
+    event = ImageCompleted(
+        image_type="scene",
+        image_id="s",
+        image_url="u",
+        generation_time=0.9,
+        cost=Decimal("0.0006525"),
+        retry_count=0,
+        completed_images=1,
+        total_images=2,
+    )
+    assert json.loads(encode(event))["data"]["cost"] == "0.0006525"
+
+
+def test_failed_event_says_it_continues() -> None:
+    data = json.loads(
+        encode(
+            ImageFailed(
+                image_type="character",
+                image_id="c",
+                retry_count=1,
+                reason="Rate limited by Replicate",
+            )
+        )
+    )["data"]
+    assert data["will_continue"] is True and data["retry_count"] == 1
+
+
+def test_error_event_carries_figures() -> None:
+    data = json.loads(
+        encode(
+            JobError(reason="Budget exceeded", message="m", limit="0.01", estimated_cost="0.024")
+        )
+    )["data"]
+    assert data["limit"] == "0.01" and data["stage"] == "reference_generator"
+
+
+def test_payloads_refuse_unknown_fields() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        StageFinished(
+            status="completed",
+            total_images=1,
+            successful_images=1,
+            failed_images=0,
+            total_cost=Decimal(0),
+            total_time=1.0,
+            result_status="success",
+            extra=1,
+        )
+
+
+def test_publisher_publishes_on_the_job_channel() -> None:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeRedis(server=server, decode_responses=True)
+    listener = client.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(c.events_channel("job-1"))
+    EventPublisher(client).publish("job-1", StageStarted())
+    # The first read may only consume the subscribe confirmation.
+    message = listener.get_message(timeout=1) or listener.get_message(timeout=1)
+    assert message is not None and message["channel"] == "job_events:job-1"
+    assert json.loads(message["data"])["event_type"] == "stage_update"
+
+
+def test_publisher_survives_a_broken_connection() -> None:
+    server = fakeredis.FakeServer()
+    server.connected = False
+    client = fakeredis.FakeRedis(server=server, decode_responses=True)
+    EventPublisher(client).publish("job-1", StageStarted())  # logged, not raised

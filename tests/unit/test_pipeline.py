@@ -1,0 +1,128 @@
+"""One image through budget, generation, upload and events, with no Celery in the way."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from worker import constants as c
+from worker.generation.local import LocalImageGenerator
+from worker.models import ImageSpec
+from worker.pipeline import ImagePipeline, RetryIn
+from worker.services import Services
+from worker.settings import Settings
+from worker.storage.local import LocalImageStore
+
+
+class CountingGenerator(LocalImageGenerator):
+    calls = 0
+
+    def generate(self, request):  # type: ignore[no-untyped-def]
+        type(self).calls += 1
+        return super().generate(request)
+
+
+@pytest.fixture
+def services(redis_client, tmp_path: Path) -> Services:
+    CountingGenerator.calls = 0
+    return Services.build(
+        Settings(generator_backend="local", storage_backend="local"),
+        client=redis_client,
+        generator=CountingGenerator(latency_s=0, fail_ids={"doomed"}, flaky_ids={"flaky"}),
+        store=LocalImageStore(tmp_path),
+    )
+
+
+def spec(image_id: str = "street", total: int = 2) -> ImageSpec:
+    return ImageSpec(
+        job_id=str(uuid.uuid4()),
+        image_type="scene",
+        image_id=image_id,
+        prompt=f"a {image_id}",
+        negative_prompt="n",
+        seed=7,
+        index=1,
+        total=total,
+    )
+
+
+def events(redis_client, job_id: str):
+    listener = redis_client.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(c.events_channel(job_id))
+    return listener
+
+
+def drain(listener) -> list[tuple[str, dict]]:
+    out, quiet = [], 0
+    while quiet < 2:  # an ignored subscribe confirmation also reads as None
+        message = listener.get_message(timeout=0.2)
+        if message is None:
+            quiet += 1
+            continue
+        quiet = 0
+        body = json.loads(message["data"])
+        out.append((body["event_type"], body["data"]))
+    return out
+
+
+def test_success_stores_charges_and_announces(services: Services, redis_client) -> None:
+    image = spec()
+    listener = events(redis_client, image.job_id)
+    services.ledger.open(image.job_id, None)
+    outcome = ImagePipeline(services).run(image, attempt=0)
+    assert not isinstance(outcome, RetryIn) and outcome.ok
+    assert services.store.exists(image.storage_path)
+    assert services.ledger.totals(image.job_id).spent == Decimal("0.005")
+    kinds = [e for e, _ in drain(listener)]
+    assert kinds == ["reference_generation_start", "reference_generation_complete", "progress"]
+
+
+def test_a_done_image_is_never_made_again(services: Services) -> None:
+    image = spec()
+    services.ledger.open(image.job_id, None)
+    first = ImagePipeline(services).run(image, attempt=0)
+    again = ImagePipeline(services).run(image, attempt=0)
+    assert again == first
+    assert CountingGenerator.calls == 1
+    assert services.ledger.totals(image.job_id).spent == Decimal("0.005")
+
+
+def test_transient_failure_asks_for_a_retry_in_2_s(services: Services, redis_client) -> None:
+    image = spec("flaky")
+    listener = events(redis_client, image.job_id)
+    services.ledger.open(image.job_id, None)
+    step = ImagePipeline(services).run(image, attempt=0)
+    assert step == RetryIn(delay_s=2.0, reason=step.reason)  # type: ignore[union-attr]
+    assert services.ledger.totals(image.job_id).reserved == Decimal(0)  # released
+    outcome = ImagePipeline(services).run(image, attempt=1)
+    assert not isinstance(outcome, RetryIn) and outcome.ok and outcome.retry_count == 1
+    kinds = [e for e, _ in drain(listener)]
+    assert kinds == [
+        "reference_generation_start",
+        "reference_generation_retry",
+        "reference_generation_complete",
+        "progress",
+    ]
+
+
+def test_last_attempt_failure_is_an_outcome_not_an_exception(services: Services) -> None:
+    image = spec("doomed")
+    services.ledger.open(image.job_id, None)
+    outcome = ImagePipeline(services).run(image, attempt=1)
+    assert not isinstance(outcome, RetryIn)
+    assert not outcome.ok and outcome.retry_count == 1
+    assert "temporarily unavailable" in (outcome.reason or "")
+    assert services.ledger.totals(image.job_id).spent == Decimal(0)
+
+
+def test_budget_refusal_is_permanent(services: Services) -> None:
+    image = spec()
+    services.ledger.open(image.job_id, Decimal("0.001"))
+    outcome = ImagePipeline(services).run(image, attempt=0)
+    assert not isinstance(outcome, RetryIn) and not outcome.ok
+    assert "Budget exceeded" in (outcome.reason or "")
+    assert CountingGenerator.calls == 0

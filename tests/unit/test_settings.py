@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from worker.errors import ConfigurationError
+from worker.settings import Settings
+
+BACKEND_VARS = (
+    "REPLICATE_API_TOKEN",
+    "SUPABASE_URL",
+    "SUPABASE_SERVICE_KEY",
+    "ENVIRONMENT",
+    "GENERATOR_BACKEND",
+    "STORAGE_BACKEND",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in BACKEND_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_auto_picks_local_without_credentials() -> None:
+    settings = Settings()
+    assert settings.resolved_generator_backend() == "local"
+    assert settings.resolved_storage_backend() == "local"
+
+
+def test_auto_picks_real_services_with_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REPLICATE_API_TOKEN", "r8_test_token_made_at_runtime")
+    monkeypatch.setenv("SUPABASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("SUPABASE_SERVICE_KEY", "service-key-made-at-runtime")
+    settings = Settings()
+    assert settings.resolved_generator_backend() == "replicate"
+    assert settings.resolved_storage_backend() == "supabase"
+
+
+def test_production_without_credentials_is_a_startup_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ENVIRONMENT", "production")
+    with pytest.raises(ConfigurationError, match="REPLICATE_API_TOKEN"):
+        Settings()
+
+
+def test_explicit_local_is_honoured_in_production(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("GENERATOR_BACKEND", "local")
+    monkeypatch.setenv("STORAGE_BACKEND", "local")
+    assert Settings().resolved_generator_backend() == "local"
+
+
+def test_explicit_replicate_without_token_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENERATOR_BACKEND", "replicate")
+    with pytest.raises(ConfigurationError):
+        Settings()
+
+
+@pytest.mark.parametrize("placeholder", ["changeme", "your-token-here", "<token>", "xxx", " "])
+def test_placeholder_secrets_are_refused(monkeypatch: pytest.MonkeyPatch, placeholder: str) -> None:
+    monkeypatch.setenv("REPLICATE_API_TOKEN", placeholder)
+    with pytest.raises(ValidationError, match="placeholder"):
+        Settings()
+
+
+def test_secrets_do_not_show_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REPLICATE_API_TOKEN", "r8_visible_if_leaked_123456")
+    settings = Settings()
+    assert "r8_visible_if_leaked_123456" not in repr(settings)
+    assert settings.secret_values() == ["r8_visible_if_leaked_123456"]
+
+
+def test_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_GENERATOR_FAIL_IDS", "a, b,,c")
+    assert Settings().local_generator_fail_ids == ["a", "b", "c"]
+
+
+def test_environment_selects_model_and_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFERENCE_MODEL_DEV", "owner/dev:abc")
+    assert Settings().model_version == "owner/dev:abc"
+    assert Settings().inference_steps == 25

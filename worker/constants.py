@@ -1,0 +1,100 @@
+"""Every name, price and limit that more than one module must agree on."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Final
+
+STAGE: Final = "reference_generator"
+
+# Celery task names: upstream sends ``reference_generator.start`` by name.
+TASK_START: Final = f"{STAGE}.start"
+TASK_GENERATE: Final = f"{STAGE}.generate_reference"
+TASK_FINALIZE: Final = f"{STAGE}.finalize"
+DEFAULT_QUEUE: Final = STAGE
+
+# Event types relayed by the SSE gateway (SPEC §7).
+EVENT_STAGE_UPDATE: Final = "stage_update"
+EVENT_IMAGE_START: Final = "reference_generation_start"
+EVENT_IMAGE_RETRY: Final = "reference_generation_retry"
+EVENT_IMAGE_COMPLETE: Final = "reference_generation_complete"
+EVENT_IMAGE_FAILED: Final = "reference_generation_failed"
+EVENT_PROGRESS: Final = "progress"
+EVENT_ERROR: Final = "error"
+
+# Image generation (SPEC §4).
+SDXL_VERSION: Final = (
+    "stability-ai/sdxl:39ed52f2a78e934b3ba6e2a89f5b1c712de7dfea535525255b1aa35c5565e08b"
+)
+IMAGE_SIZE: Final = 1024
+NEGATIVE_PROMPT: Final = "blurry, static, low quality, distorted, watermark, text overlay"
+MAX_PROMPT_CHARS: Final = 500
+IMAGE_TIMEOUT_S: Final = 120.0
+
+# Retry design (SPEC §1): two attempts in all, the second 2 s after the first.
+GENERATION_MAX_ATTEMPTS: Final = 2
+GENERATION_RETRY_DELAY_S: Final = 2.0
+# A Retry-After longer than this is capped: a slot should not sit idle for minutes.
+RETRY_AFTER_CAP_S: Final = 30.0
+STORAGE_MAX_ATTEMPTS: Final = 3
+
+# Money (SPEC §4, §6). Ledger amounts are kept as integer nano-dollars so that
+# Redis never accumulates float error across thousands of images.
+NANO_PER_DOLLAR: Final = 1_000_000_000
+FALLBACK_IMAGE_COST: Final = Decimal("0.005")
+DEFAULT_HARDWARE_PRICE_PER_S: Final = Decimal("0.000725")
+BUDGET_PER_VIDEO_MINUTE: Final = Decimal("200")
+ESTIMATE_SAFETY_FACTOR: Final = Decimal("1.2")
+
+# Plan limits (SPEC §2).
+MAX_IMAGES_PER_JOB: Final = 50
+ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
+
+# Storage (SPEC §5).
+DEFAULT_BUCKET: Final = "reference-images"
+MAX_IMAGE_BYTES: Final = 5 * 1024 * 1024
+SIGNED_URL_TTL_S: Final = 14 * 24 * 3600
+RETENTION_SUCCESS_DAYS: Final = 14
+RETENTION_FAILURE_DAYS: Final = 7
+
+# Partial-success rule (SPEC §8).
+MIN_SUCCESS_RATIO: Final = Decimal("0.5")
+
+
+def events_channel(job_id: str) -> str:
+    """Pub/sub channel the SSE gateway subscribes to."""
+    return f"job_events:{job_id}"
+
+
+class JobKeys:
+    """Redis keys of one job. The ``{job_id}`` hash tag keeps them in one cluster slot,
+    which the ledger's Lua scripts need."""
+
+    def __init__(self, job_id: str) -> None:
+        prefix = f"refgen:job:{{{job_id}}}"
+        self.claim = f"{prefix}:claim"
+        self.meta = f"{prefix}:meta"
+        self.ledger = f"{prefix}:ledger"
+        self.reservations = f"{prefix}:reservations"
+        self.charges = f"{prefix}:charges"
+        self.images = f"{prefix}:images"
+        self.finished = f"{prefix}:finished"
+        self.finalized = f"{prefix}:finalized"
+        self.result = f"{prefix}:result"
+
+    def all(self) -> list[str]:
+        return [
+            self.claim,
+            self.meta,
+            self.ledger,
+            self.reservations,
+            self.charges,
+            self.images,
+            self.finished,
+            self.finalized,
+            self.result,
+        ]
+
+
+# How long a job's bookkeeping outlives it: long enough to read the result by job id.
+JOB_STATE_TTL_S: Final = 7 * 24 * 3600

@@ -1,0 +1,64 @@
+"""The one place where failures are classified.
+
+Every boundary (generator, store, ledger) turns library exceptions into one of these, so the
+task layer decides "retry or give up" from the type alone. ``reason`` is a sentence for a
+person; it is what events carry, so it never holds a stack trace, a URL with a token, or a key.
+"""
+
+from __future__ import annotations
+
+
+class RefgenError(Exception):
+    """Base of every error this worker raises on purpose."""
+
+    reason: str
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RetryableError(RefgenError):
+    """Transient: rate limit, 5xx, timeout, network. Worth another attempt."""
+
+    def __init__(self, reason: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimitedError(RetryableError):
+    """HTTP 429 from a provider."""
+
+
+class ImageTimeoutError(RetryableError):
+    """An image took longer than its deadline."""
+
+
+class PermanentError(RefgenError):
+    """Another attempt would fail the same way: invalid input, content rejected, budget."""
+
+
+class InvalidPlanError(PermanentError):
+    """The scene plan breaks the input contract (SPEC §2)."""
+
+    def __init__(self, reason: str, *, details: list[str] | None = None) -> None:
+        super().__init__(reason)
+        self.details = details or []
+
+
+class ContentRejectedError(PermanentError):
+    """The provider's safety filter refused the prompt or the output."""
+
+
+class BudgetExceededError(PermanentError):
+    """A paid call would take the job over its budget."""
+
+    def __init__(self, reason: str, *, limit: str | None, spent: str, requested: str) -> None:
+        super().__init__(reason)
+        self.limit = limit
+        self.spent = spent
+        self.requested = requested
+
+
+class ConfigurationError(PermanentError):
+    """Settings that cannot work: missing credentials in production, placeholder secrets."""

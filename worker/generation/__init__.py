@@ -1,0 +1,36 @@
+"""Image generation: the ``ImageGenerator`` protocol and what passes through it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    job_id: str
+    image_id: str
+    image_key: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    palette: list[str] = field(default_factory=list)
+    attempt: int = 0
+    deadline_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    png: bytes
+    cost: Decimal
+    generation_time: float
+    # True when the provider gave no billable time and the flat fallback price was used.
+    cost_is_fallback: bool = False
+    prediction_id: str | None = None
+
+
+class ImageGenerator(Protocol):
+    """Makes one 1024×1024 PNG. Raises ``RetryableError`` or ``PermanentError`` only."""
+
+    def generate(self, request: GenerationRequest) -> GeneratedImage: ...

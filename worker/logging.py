@@ -1,0 +1,80 @@
+"""structlog over the stdlib, so our lines and Celery's share handlers, with secrets redacted
+from every line whoever wrote it."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+import structlog
+
+from worker.settings import Settings
+
+# Tokens that look like credentials even when they are not ours (a pasted key in a plan).
+_TOKEN_SHAPES = re.compile(
+    r"r8_[A-Za-z0-9]{8,}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"
+    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"
+)
+REDACTED = "[redacted]"
+
+
+class Redactor:
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return _TOKEN_SHAPES.sub(REDACTED, text)
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's final message; installed on handlers, so it sees every logger."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redact = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = self._redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and record.exc_info[1] is not None:
+            # Tracebacks can quote a request's headers; keep the type, drop the text.
+            record.exc_text = self._redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def configure_logging(settings: Settings) -> None:
+    """Idempotent: safe to call from each worker process and from the CLI."""
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if settings.log_format == "json"
+        else structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelName(settings.log_level.upper())
+        ),
+        cache_logger_on_first_use=True,
+    )
+    install_redaction(settings)
+
+
+def install_redaction(settings: Settings, loggers: Iterable[logging.Logger] = ()) -> None:
+    redactor = Redactor(settings.secret_values())
+    targets = [logging.getLogger(), *loggers]
+    for logger in targets:
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter(redactor))

@@ -1,0 +1,151 @@
+"""One ``Settings`` object, read from the environment once and passed in (SPEC §9)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker import constants as c
+from worker.errors import ConfigurationError
+
+Environment = Literal["development", "production"]
+GeneratorBackend = Literal["replicate", "local", "auto"]
+StorageBackend = Literal["supabase", "local", "auto"]
+
+# Values people paste from templates. A secret equal to one of these is refused at start-up,
+# so a half-configured deployment fails loudly instead of sending "changeme" to Replicate.
+_PLACEHOLDER_MARKERS = (
+    "changeme",
+    "change-me",
+    "change_me",
+    "placeholder",
+    "your-",
+    "your_",
+    "xxx",
+    "<",
+    "todo",
+    "replace",
+)
+
+
+def _is_placeholder(value: str) -> bool:
+    lowered = value.strip().lower()
+    return not lowered or any(marker in lowered for marker in _PLACEHOLDER_MARKERS)
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    environment: Environment = "development"
+
+    replicate_api_token: SecretStr | None = None
+    reference_model_prod: str = c.SDXL_VERSION
+    reference_model_dev: str = c.SDXL_VERSION
+    hardware_price_per_second: Decimal = c.DEFAULT_HARDWARE_PRICE_PER_S
+    image_timeout_s: float = Field(default=c.IMAGE_TIMEOUT_S, gt=0)
+
+    supabase_url: str | None = None
+    supabase_service_key: SecretStr | None = None
+    storage_bucket: str = c.DEFAULT_BUCKET
+    retention_success_days: int = Field(default=c.RETENTION_SUCCESS_DAYS, ge=1)
+    retention_failure_days: int = Field(default=c.RETENTION_FAILURE_DAYS, ge=1)
+
+    generator_backend: GeneratorBackend = "auto"
+    storage_backend: StorageBackend = "auto"
+
+    reference_gen_concurrency: int = Field(default=4, ge=1, le=64)
+    reference_gen_pool: Literal["threads", "prefork", "solo"] = "threads"
+    reference_gen_queues: Annotated[list[str], NoDecode] = [c.DEFAULT_QUEUE, "celery"]
+    max_images_per_job: int = Field(default=c.MAX_IMAGES_PER_JOB, ge=1)
+    budget_per_video_minute: Decimal = c.BUDGET_PER_VIDEO_MINUTE
+
+    local_generator_latency_s: float = Field(default=1.0, ge=0)
+    local_generator_fail_ids: Annotated[list[str], NoDecode] = []
+    local_generator_flaky_ids: Annotated[list[str], NoDecode] = []
+    local_generator_reject_ids: Annotated[list[str], NoDecode] = []
+    local_generator_cost: Decimal = c.FALLBACK_IMAGE_COST
+    local_storage_dir: Path = Path(".refgen/storage")
+
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "console"
+
+    _csv = field_validator(
+        "reference_gen_queues",
+        "local_generator_fail_ids",
+        "local_generator_flaky_ids",
+        "local_generator_reject_ids",
+        mode="before",
+    )(_split_csv)
+
+    @field_validator("replicate_api_token", "supabase_service_key")
+    @classmethod
+    def _refuse_placeholder_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and _is_placeholder(value.get_secret_value()):
+            raise ValueError("looks like a placeholder; set the real secret or leave it unset")
+        return value
+
+    @model_validator(mode="after")
+    def _check_backends(self) -> Settings:
+        # Resolving here makes a bad combination a start-up error, not a failure mid-job.
+        self.resolved_generator_backend()
+        self.resolved_storage_backend()
+        return self
+
+    @property
+    def model_version(self) -> str:
+        if self.environment == "production":
+            return self.reference_model_prod
+        return self.reference_model_dev
+
+    @property
+    def inference_steps(self) -> int:
+        return 40 if self.environment == "production" else 25
+
+    def resolved_generator_backend(self) -> Literal["replicate", "local"]:
+        has_token = self.replicate_api_token is not None
+        if self.generator_backend == "local":
+            return "local"
+        if has_token:
+            return "replicate"
+        if self.generator_backend == "replicate" or self.environment == "production":
+            raise ConfigurationError(
+                "REPLICATE_API_TOKEN is required for the replicate generator"
+                + (" in production" if self.environment == "production" else "")
+            )
+        return "local"
+
+    def resolved_storage_backend(self) -> Literal["supabase", "local"]:
+        has_creds = bool(self.supabase_url) and self.supabase_service_key is not None
+        if self.storage_backend == "local":
+            return "local"
+        if has_creds:
+            return "supabase"
+        if self.storage_backend == "supabase" or self.environment == "production":
+            raise ConfigurationError(
+                "SUPABASE_URL and SUPABASE_SERVICE_KEY are required for the supabase store"
+                + (" in production" if self.environment == "production" else "")
+            )
+        return "local"
+
+    def secret_values(self) -> list[str]:
+        """Every secret in force, for log redaction."""
+        secrets = [self.replicate_api_token, self.supabase_service_key]
+        return [s.get_secret_value() for s in secrets if s is not None]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()
