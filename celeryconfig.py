@@ -41,6 +41,11 @@ task_track_started = True
 # chords on the Redis backend.
 result_expires = timedelta(days=7)
 
+# Retention (SPEC §5): hourly, so an object outlives its due time by an hour at most.
+beat_schedule = {
+    "purge-expired-references": {"task": c.TASK_PURGE, "schedule": timedelta(hours=1)},
+}
+
 task_default_queue = c.DEFAULT_QUEUE
 worker_concurrency = _settings.reference_gen_concurrency
 worker_pool = _settings.reference_gen_pool

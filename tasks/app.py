@@ -7,16 +7,20 @@ import os
 import threading
 from typing import Any
 
+import structlog
 from celery import Celery
 from celery.signals import after_setup_logger, worker_init, worker_process_init
 
+from worker.errors import RefgenError
 from worker.logging import configure_logging
+from worker.retry import storage_call
 from worker.services import Services
 from worker.settings import get_settings
 
 app = Celery("reference_generator", include=["tasks.reference"])
 app.config_from_object("celeryconfig")
 
+log = structlog.get_logger(__name__)
 _lock = threading.Lock()
 _services: Services | None = None
 _services_pid: int | None = None
@@ -31,7 +35,16 @@ def services() -> Services:
             if _services is None or _services_pid != os.getpid():
                 _services = Services.build(get_settings())
                 _services_pid = os.getpid()
+                _prepare(_services)
     return _services
+
+
+def _prepare(built: Services) -> None:
+    try:
+        storage_call(built.store.ensure_bucket)
+    except RefgenError as exc:
+        # Not fatal: the store may come back; each upload then says what is wrong.
+        log.error("bucket_check_failed", reason=exc.reason)
 
 
 @worker_process_init.connect

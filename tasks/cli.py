@@ -24,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
         "...) go to `celery worker` as they are.",
     )
 
+    commands.add_parser(
+        "beat",
+        help="run Celery beat: the hourly retention purge",
+        description="Run Celery beat. Other options go to `celery beat` as they are.",
+    )
+
     run = commands.add_parser("run", help="enqueue one job and wait for its result")
     run.add_argument("plan", type=Path, help="a ScenePlan JSON file")
     run.add_argument(
@@ -45,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "worker":
+    if extra and args.command not in ("worker", "beat"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args, extra)
@@ -73,6 +79,11 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
             *celery_args,
         ]
         app.worker_main(argv)
+        return 0
+    if args.command == "beat":
+        from tasks.app import app
+
+        app.start(["beat", "--loglevel", settings.log_level, *celery_args])
         return 0
     if args.command == "run":
         from tasks.client import RunRequest, run

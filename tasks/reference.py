@@ -55,3 +55,9 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
 def finalize(self: Any, results: list[dict[str, Any]], job_id: str) -> dict[str, Any] | None:
     outcomes = [ImageOutcome.model_validate(r) for r in results if isinstance(r, dict)]
     return JobFinalizer(services()).finalize(job_id, outcomes)
+
+
+@app.task(name=c.TASK_PURGE, ignore_result=True)
+def purge_expired() -> dict[str, Any]:
+    report = services().retention.purge()
+    return {"purged_jobs": len(report.purged_jobs), "deleted_objects": report.deleted_objects}

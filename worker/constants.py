@@ -11,6 +11,7 @@ STAGE: Final = "reference_generator"
 TASK_START: Final = f"{STAGE}.start"
 TASK_GENERATE: Final = f"{STAGE}.generate_reference"
 TASK_FINALIZE: Final = f"{STAGE}.finalize"
+TASK_PURGE: Final = f"{STAGE}.purge_expired"
 DEFAULT_QUEUE: Final = STAGE
 
 # Event types relayed by the SSE gateway (SPEC §7).
@@ -81,6 +82,7 @@ class JobKeys:
         self.finished = f"{prefix}:finished"
         self.finalized = f"{prefix}:finalized"
         self.result = f"{prefix}:result"
+        self.predictions = f"{prefix}:predictions"
 
     def all(self) -> list[str]:
         return [
@@ -93,6 +95,7 @@ class JobKeys:
             self.finished,
             self.finalized,
             self.result,
+            self.predictions,
         ]
 
 

@@ -151,6 +151,7 @@ class JobFinalizer:
         )
         payload = result.model_dump(mode="json") if result else None
         s.jobs.save_result(job_id, json.dumps(payload))
+        s.retention.schedule(job_id, succeeded=result is not None)
         made = sum(1 for o in outcomes if o.ok)
         s.events.publish(
             job_id,

@@ -8,8 +8,9 @@ import redis
 
 from worker.budget import CostLedger
 from worker.events import EventPublisher
-from worker.generation import ImageGenerator
+from worker.generation import ImageGenerator, PredictionCheckpoints
 from worker.jobs import JobStore
+from worker.retention import Retention
 from worker.settings import Settings
 from worker.storage import ImageStore
 
@@ -23,6 +24,7 @@ class Services:
     ledger: CostLedger
     jobs: JobStore
     events: EventPublisher
+    retention: Retention
 
     @classmethod
     def build(
@@ -37,22 +39,30 @@ class Services:
         client = client or redis.Redis.from_url(
             settings.redis_url, decode_responses=True, health_check_interval=30
         )
+        jobs = JobStore(client)
+        store = store or make_store(settings)
         return cls(
             settings=settings,
             client=client,
-            generator=generator or make_generator(settings),
-            store=store or make_store(settings),
+            generator=generator or make_generator(settings, jobs),
+            store=store,
             ledger=CostLedger(client),
-            jobs=JobStore(client),
+            jobs=jobs,
             events=EventPublisher(client),
+            retention=Retention(
+                client,
+                store,
+                success_days=settings.retention_success_days,
+                failure_days=settings.retention_failure_days,
+            ),
         )
 
 
-def make_generator(settings: Settings) -> ImageGenerator:
+def make_generator(settings: Settings, checkpoints: PredictionCheckpoints) -> ImageGenerator:
     if settings.resolved_generator_backend() == "replicate":
         from worker.generation.replicate import ReplicateImageGenerator
 
-        return ReplicateImageGenerator.from_settings(settings)
+        return ReplicateImageGenerator.from_settings(settings, checkpoints)
     from worker.generation.local import LocalImageGenerator
 
     return LocalImageGenerator(

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,22 +139,27 @@ def worker(
     process.stop()
 
 
-@pytest.fixture
-def run_job(client: Celery, redis_server: RedisServer) -> Callable[..., JobRun]:
-    """Send a job by name as upstream does, record every event, read the result by job id."""
+class JobRunner:
+    """Sends a job by name as upstream does, records every event on its channel, and reads
+    the result by job id."""
 
-    def _run(
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.client = bare_client(redis_url)
+
+    def __call__(
+        self,
         plan: dict[str, Any],
         duration_seconds: float | None = None,
         job_id: str | None = None,
         timeout_s: float = 60,
     ) -> JobRun:
         job_id = job_id or plan["job_id"]
-        listener = redis.Redis.from_url(redis_server.url, decode_responses=True).pubsub(
+        listener = redis.Redis.from_url(self.redis_url, decode_responses=True).pubsub(
             ignore_subscribe_messages=True
         )
         listener.subscribe(f"job_events:{job_id}")
-        client.send_task(
+        self.client.send_task(
             "reference_generator.start",
             kwargs={"job_id": job_id, "plan": plan, "duration_seconds": duration_seconds},
         )
@@ -171,7 +176,26 @@ def run_job(client: Celery, redis_server: RedisServer) -> Callable[..., JobRun]:
         else:
             pytest.fail(f"job {job_id} did not finish in {timeout_s} s: {run.types}")
         listener.close()
-        run.result = client.AsyncResult(job_id).get(timeout=30)
+        run.result = self.client.AsyncResult(job_id).get(timeout=30)
         return run
 
-    return _run
+
+@pytest.fixture
+def run_job(redis_server: RedisServer) -> JobRunner:
+    return JobRunner(redis_server.url)
+
+
+def base_worker_env(redis_url: str, storage_dir: Path) -> dict[str, str]:
+    """The environment of a test worker: nothing inherited that could point it elsewhere."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REPLICATE_", "SUPABASE_", "LOCAL_", "REFERENCE_", "IMAGE_"))
+    }
+    env.update(
+        REDIS_URL=redis_url,
+        LOCAL_STORAGE_DIR=str(storage_dir),
+        LOG_FORMAT="json",
+        REFERENCE_GEN_CONCURRENCY="4",
+    )
+    return env

@@ -30,6 +30,20 @@ class GeneratedImage:
     prediction_id: str | None = None
 
 
+@dataclass(frozen=True)
+class PredictionRef:
+    """A remote prediction in flight: enough to resume it after a redelivery."""
+
+    id: str
+    created_at: float
+
+
+class PredictionCheckpoints(Protocol):
+    def saved_prediction(self, job_id: str, image_key: str) -> PredictionRef | None: ...
+
+    def save_prediction(self, job_id: str, image_key: str, ref: PredictionRef) -> None: ...
+
+
 class ImageGenerator(Protocol):
     """Makes one 1024×1024 PNG. Raises ``RetryableError`` or ``PermanentError`` only."""
 

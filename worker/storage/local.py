@@ -91,6 +91,11 @@ class LocalImageStore:
                 )
         return found
 
+    def list_job_prefixes(self) -> list[str]:
+        if not self._bucket_dir.is_dir():
+            return []
+        return sorted(p.name for p in self._bucket_dir.iterdir() if p.is_dir())
+
     def delete(self, paths: list[str]) -> None:
         for path in paths:
             self._file(path).unlink(missing_ok=True)

@@ -1,0 +1,316 @@
+"""A local fake of the Replicate HTTP API (the parts ``replicate==1.0.7`` uses for SDXL).
+
+Usage::
+
+    with FakeReplicate(api_token="r8_test") as fake:
+        client = replicate.Client(api_token="r8_test", base_url=fake.url)
+        client.poll_interval = 0.05          # default 0.5 s (env REPLICATE_POLL_INTERVAL)
+        p = client.predictions.create(version=f"{SDXL_MODEL}:{SDXL_VERSION}", input={...})
+        p.wait()                               # GET /v1/predictions/{id} until terminal
+        png = httpx.get(p.output[0]).content   # GET /files/{id}.png on this server
+
+Routes (what the real client sends; all JSON, ``Authorization: Bearer <token>``):
+
+* ``POST /v1/predictions`` -- ``predictions.create(version=...)``.  The ``version`` string is
+  sent verbatim: ``"<64-hex id>"``, ``"owner/name:<id>"`` and ``"owner/name"`` all go here
+  unchanged (the client does *not* parse them; the API accepts all three).
+  ``Prefer: wait`` / ``Prefer: wait=N`` (sent for ``wait=True|N``, and by ``client.run``) makes
+  this fake hold the response until the prediction is terminal or N s (max 60) elapsed.
+* ``POST /v1/models/{owner}/{name}/predictions`` -- ``predictions.create(model=...)`` and
+  ``client.run("owner/name")``; ``POST /v1/deployments/{owner}/{name}/predictions`` too.
+* ``client.run("owner/name:id")`` posts ``{"version": "id"}`` to ``/v1/predictions`` and then
+  ``GET /v1/models/{owner}/{name}/versions/{id}`` (served here).
+* ``GET /v1/predictions/{id}`` -- ``predictions.get``, ``Prediction.reload`` and ``.wait``.
+* ``POST /v1/predictions/{id}/cancel`` -- ``predictions.cancel`` / ``Prediction.cancel``.
+* ``GET /files/{id}.png`` -- output download (no auth).  ``FileOutput.read()`` GETs the
+  absolute URL with the client's httpx client.  NB: ``client.run`` only wraps outputs that start
+  with ``https:``/``data:`` in ``FileOutput``, so against this http:// fake it returns strings.
+
+Errors are RFC 7807 problem JSON (``{"title", "detail", "status"}``); ``ReplicateError``
+gets ``.status`` from the HTTP status and ``.detail``/``.title`` from the body.  The client's
+``RetryTransport`` silently retries GET/PUT/DELETE (not POST) on 429/503/504 up to 10 attempts,
+honouring ``Retry-After``; POST errors surface immediately.
+
+Fault injection (route kinds: ``create``, ``get``, ``cancel``, ``list``, ``file``, ``version``,
+``unknown``, or ``"*"``): ``inject(kind, Fault(...), times)`` plus the helpers
+``throttle_next_creates``, ``fail_next_creates``, ``reject_next_create_invalid_version``,
+``fail_next_gets``, ``delay_next``.  Prediction behaviour is scripted separately with
+``script_next_prediction(**PredictionPlan fields)``, ``hang_next_prediction`` and
+``fail_next_prediction`` (FIFO, one plan per successful create; otherwise ``default_plan``).
+
+Recorded state: ``requests`` / ``requests_for(route, method)`` (every request),
+``create_count`` (create requests received, faulted ones included), ``creates`` (one
+:class:`CreateCall` per prediction created), ``cancels`` (ids), ``get_count(id)``,
+``prediction_json(id)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import string
+import time
+from collections import deque
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+from ._http import FakeHTTPServer, Fault, RecordedRequest, Response, Route, json_response
+from ._replicate_model import (
+    INVALID_VERSION_DETAIL,
+    INVALID_VERSION_TITLE,
+    NSFW_ERROR,
+    SDXL_MODEL,
+    SDXL_VERSION,
+    TERMINAL,
+    CreateCall,
+    Prediction,
+    PredictionPlan,
+    make_png,
+    problem,
+    throttled,
+)
+
+__all__ = [
+    "NSFW_ERROR",
+    "SDXL_MODEL",
+    "SDXL_VERSION",
+    "CreateCall",
+    "FakeReplicate",
+    "Fault",
+    "PredictionPlan",
+    "make_png",
+]
+
+_OWN = r"(?P<owner>[^/]+)/(?P<name>[^/]+)"
+_PID = r"(?P<id>[^/]+)"
+
+
+class FakeReplicate(FakeHTTPServer):
+    def __init__(
+        self,
+        *,
+        api_token: str | None = "r8_fake_test_token",  # None disables the auth check
+        host: str = "127.0.0.1",
+        port: int = 0,
+        default_plan: PredictionPlan | None = None,
+        default_model: str = SDXL_MODEL,  # model reported for a bare version id
+        known_versions: dict[str, str] | None = None,  # version id -> "owner/name"; None = any
+        image_size: tuple[int, int] = (1024, 1024),
+        image_bytes: bytes | None = None,  # output file bytes (default: PNG of image_size)
+        image_content_type: str = "image/png",
+    ) -> None:
+        super().__init__(host=host, port=port)
+        self.api_token = api_token
+        self.default_plan = default_plan or PredictionPlan()
+        self.default_model = default_model
+        self.known_versions = known_versions
+        self.image_bytes = image_bytes if image_bytes is not None else make_png(*image_size)
+        self.image_content_type = image_content_type
+        self._plans: deque[PredictionPlan] = deque()
+        self._predictions: dict[str, Prediction] = {}
+        self._creates: list[CreateCall] = []
+        self._cancels: list[str] = []
+        routes: list[tuple[str, str, str, Any]] = [
+            ("POST", r"/v1/predictions/?", "create", self._create),
+            ("POST", rf"/v1/models/{_OWN}/predictions/?", "create", self._create),
+            ("POST", rf"/v1/deployments/{_OWN}/predictions/?", "create", self._create),
+            ("GET", r"/v1/predictions/?", "list", self._list),
+            ("GET", rf"/v1/predictions/{_PID}/?", "get", self._get),
+            ("POST", rf"/v1/predictions/{_PID}/cancel/?", "cancel", self._cancel),
+            ("GET", rf"/v1/models/{_OWN}/versions/(?P<vid>[^/]+)/?", "version", self._version),
+            ("GET", r"/files/(?P<file>[^/]+)", "file", self._file),
+        ]
+        self._routes = [Route(m, re.compile(p), kind, fn) for m, p, kind, fn in routes]
+
+    # ------------------------------------------------------------ scripting API
+    def script_next_prediction(self, **changes: Any) -> PredictionPlan:
+        """Queue ``replace(default_plan, **changes)`` for the next successful create."""
+        plan = replace(self.default_plan, **changes)
+        with self._lock:
+            self._plans.append(plan)
+        return plan
+
+    def hang_next_prediction(self) -> PredictionPlan:
+        return self.script_next_prediction(outcome="hang")
+
+    def fail_next_prediction(self, error: str = NSFW_ERROR) -> PredictionPlan:
+        return self.script_next_prediction(outcome="failed", error=error)
+
+    def throttle_next_creates(self, retry_after: int = 1, times: int = 1) -> None:
+        resp = throttled(retry_after)
+        self.inject("create", Fault(429, resp.body, resp.headers), times)
+
+    def fail_next_creates(self, status: int = 503, times: int = 1) -> None:
+        self.inject("create", Fault(status), times)
+
+    def reject_next_create_invalid_version(self, times: int = 1) -> None:
+        resp = problem(422, INVALID_VERSION_DETAIL, INVALID_VERSION_TITLE)
+        self.inject("create", Fault(422, resp.body, resp.headers), times)
+
+    def fail_next_gets(self, status: int = 500, times: int = 1) -> None:
+        self.inject("get", Fault(status), times)
+
+    def delay_next(self, route: str, seconds: float, times: int = 1) -> None:
+        self.inject(route, Fault(delay=seconds), times)
+
+    # ------------------------------------------------------------ accessors
+    @property
+    def create_count(self) -> int:
+        """Create requests received, including faulted and rejected ones."""
+        return len(self.requests_for("create"))
+
+    @property
+    def creates(self) -> list[CreateCall]:
+        with self._lock:
+            return list(self._creates)
+
+    @property
+    def cancels(self) -> list[str]:
+        with self._lock:
+            return list(self._cancels)
+
+    def get_count(self, prediction_id: str | None = None) -> int:
+        gets = self.requests_for("get")
+        if prediction_id is None:
+            return len(gets)
+        return sum(1 for r in gets if r.path.rstrip("/").rsplit("/", 1)[-1] == prediction_id)
+
+    def prediction_json(self, prediction_id: str) -> dict[str, Any]:
+        with self._lock:
+            return self._predictions[prediction_id].to_json(self.url)
+
+    # ------------------------------------------------------------ handlers
+    def _default_fault_response(self, status: int) -> Response:
+        if status == 429:
+            return throttled(1)
+        return problem(status, f"Simulated upstream error ({status}).")
+
+    def _auth_error(self, req: RecordedRequest) -> Response | None:
+        if self.api_token is None:
+            return None
+        header = req.headers.get("authorization", "")
+        if not header:
+            return problem(401, "You did not pass an authentication token")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() not in ("bearer", "token") or token.strip() != self.api_token:
+            return problem(401, "You did not pass a valid authentication token")
+        return None
+
+    def _resolve(self, m: re.Match[str], body: dict[str, Any]) -> tuple[str, str] | Response:
+        """(model, version) for a create request, from the URL or the ``version`` field."""
+        if "owner" in m.groupdict():
+            model = f"{m['owner']}/{m['name']}"
+            return model, hashlib.sha256(model.encode()).hexdigest()
+        field = body.get("version")
+        if not isinstance(field, str) or not field:
+            detail = "- version: Invalid type. Expected: string, given: null"
+            return problem(422, detail, "Input validation failed")
+        ref = re.fullmatch(r"(?P<model>[^/:]+/[^/:]+)(?::(?P<vid>.+))?", field)
+        if ref and ref["vid"] is None:  # "owner/name": the model's latest/official version
+            return ref["model"], hashlib.sha256(ref["model"].encode()).hexdigest()
+        vid = ref["vid"] if ref else field
+        if self.known_versions is not None and vid not in self.known_versions:
+            return problem(422, INVALID_VERSION_DETAIL, INVALID_VERSION_TITLE)
+        model = ref["model"] if ref else (self.known_versions or {}).get(vid, self.default_model)
+        return model, vid
+
+    def _create(self, req: RecordedRequest, m: re.Match[str]) -> Response:
+        if err := self._auth_error(req):
+            return err
+        try:
+            body = req.json() or {}
+        except ValueError:
+            return problem(400, "Request body is not valid JSON.")
+        if not isinstance(body.get("input"), dict):
+            detail = "- input: Invalid type. Expected: object, given: null"
+            return problem(422, detail, "Input validation failed")
+        resolved = self._resolve(m, body)
+        if isinstance(resolved, Response):
+            return resolved
+        model, version = resolved
+        pid = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(26))
+        prefer = req.headers.get("prefer")
+        with self._lock:
+            plan = next((p for p in self._plans if p.applies_to(body["input"])), None)
+            if plan is None:
+                plan = self.default_plan
+            else:
+                self._plans.remove(plan)
+            pred = Prediction(
+                pid, model, version, body["input"], plan, req.timestamp, datetime.now(UTC)
+            )
+            self._predictions[pid] = pred
+            call = CreateCall(
+                pid,
+                req.path,
+                body.get("version"),
+                model,
+                version,
+                body["input"],
+                prefer,
+                req.timestamp,
+            )
+            self._creates.append(call)
+        if wait := re.fullmatch(r"\s*wait\s*(?:=\s*(\d+))?\s*", prefer or ""):
+            deadline = req.timestamp + min(int(wait[1] or 60), 60)
+            while pred.status not in TERMINAL and time.monotonic() < deadline:
+                if self._stopping.is_set():
+                    break
+                self._sleep(0.01)
+        with self._lock:
+            return json_response(201, pred.to_json(self.url))
+
+    def _lookup(self, req: RecordedRequest, m: re.Match[str]) -> Prediction | Response:
+        if err := self._auth_error(req):
+            return err
+        with self._lock:
+            pred = self._predictions.get(unquote(m["id"]))
+        return pred if pred else problem(404, "Not found.")
+
+    def _get(self, req: RecordedRequest, m: re.Match[str]) -> Response:
+        pred = self._lookup(req, m)
+        if isinstance(pred, Response):
+            return pred
+        with self._lock:
+            return json_response(200, pred.to_json(self.url))
+
+    def _cancel(self, req: RecordedRequest, m: re.Match[str]) -> Response:
+        pred = self._lookup(req, m)
+        if isinstance(pred, Response):
+            return pred
+        with self._lock:
+            self._cancels.append(pred.id)
+            pred.cancel()
+            return json_response(200, pred.to_json(self.url))
+
+    def _list(self, req: RecordedRequest, m: re.Match[str]) -> Response:
+        if err := self._auth_error(req):
+            return err
+        with self._lock:
+            results = [p.to_json(self.url) for p in reversed(self._predictions.values())]
+        return json_response(200, {"next": None, "previous": None, "results": results})
+
+    def _version(self, req: RecordedRequest, m: re.Match[str]) -> Response:
+        if err := self._auth_error(req):
+            return err
+        vid = unquote(m["vid"])
+        if self.known_versions is not None and vid not in self.known_versions:
+            return problem(404, "Not found.")
+        output = {"type": "array", "items": {"type": "string", "format": "uri"}, "title": "Output"}
+        schema = {"openapi": "3.0.2", "components": {"schemas": {"Output": output}}}
+        version = {"id": vid, "created_at": "2023-07-26T17:53:09.882651Z", "cog_version": "0.8.6"}
+        return json_response(200, {**version, "openapi_schema": schema})
+
+    def _file(self, req: RecordedRequest, m: re.Match[str]) -> Response:
+        name = unquote(m["file"])
+        with self._lock:
+            pred = self._predictions.get(re.sub(r"(-\d+)?\.png$", "", name))
+            ok = pred is not None and pred.status == "succeeded" and name in pred.output_names()
+        if pred is None or not ok:
+            return Response(404, b"Not Found", {"Content-Type": "text/plain"})
+        data = pred.plan.image_bytes if pred.plan.image_bytes is not None else self.image_bytes
+        headers = {"Content-Type": self.image_content_type, "Cache-Control": "max-age=3600"}
+        return Response(200, data, headers)

@@ -1,0 +1,133 @@
+"""The Supabase store through storage3 against a local Supabase-Storage-like server."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import UTC, datetime, timedelta
+
+import fakeredis
+import httpx
+import pytest
+
+from tests.fakes.replicate_server import make_png
+from tests.fakes.supabase_server import FakeSupabaseStorage
+from worker import constants as c
+from worker.errors import PermanentError, RetryableError
+from worker.retention import Retention
+from worker.retry import storage_call
+from worker.settings import Settings
+from worker.storage.supabase import SupabaseImageStore, storage_url
+
+pytestmark = pytest.mark.integration
+PNG = make_png(1024, 1024)
+
+
+@pytest.fixture
+def key() -> str:
+    return "sb-" + secrets.token_hex(16)
+
+
+@pytest.fixture
+def fake(key: str):
+    with FakeSupabaseStorage(service_key=key) as server:
+        yield server
+
+
+@pytest.fixture
+def store(fake, key) -> SupabaseImageStore:
+    settings = Settings(supabase_url=fake.url, supabase_service_key=key, generator_backend="local")
+    built = SupabaseImageStore.from_settings(settings)
+    built.ensure_bucket()
+    return built
+
+
+def test_storage_url_follows_hosted_layout() -> None:
+    assert storage_url("https://x.supabase.co") == "https://x.supabase.co/storage/v1/"
+    assert storage_url("https://x.supabase.co/storage/v1/") == "https://x.supabase.co/storage/v1/"
+
+
+def test_bucket_is_private_5_mb_png_only(store, fake) -> None:
+    bucket = fake.buckets[c.DEFAULT_BUCKET]
+    assert bucket.public is False
+    assert bucket.file_size_limit == c.MAX_IMAGE_BYTES
+    assert bucket.allowed_mime_types == ["image/png"]
+    store.ensure_bucket()  # a second worker: no error, still one bucket
+    assert list(fake.buckets) == [c.DEFAULT_BUCKET]
+
+
+def test_upload_stores_raw_png_with_its_content_type_and_upsert(store, fake) -> None:
+    store.put_png("job-1/scene_street.png", PNG)
+    stored = fake.get_object(c.DEFAULT_BUCKET, "job-1/scene_street.png")
+    assert stored is not None
+    assert stored.content_type == "image/png"
+    assert stored.data == PNG  # the image itself, not a multipart envelope
+    upload = fake.requests_for(route="upload")[-1]
+    assert upload.headers["x-upsert"] == "true"
+
+
+def test_reupload_of_the_same_key_succeeds(store, fake) -> None:
+    store.put_png("job-1/scene_street.png", b"\x89PNG first")
+    store.put_png("job-1/scene_street.png", PNG)
+    assert fake.get_object(c.DEFAULT_BUCKET, "job-1/scene_street.png").data == PNG
+
+
+def test_two_5xx_then_success_is_stored(store, fake) -> None:
+    fake.fail_next_uploads(status=503, times=2)
+    storage_call(lambda: store.put_png("job-1/scene_a.png", PNG), initial_wait_s=0.05)
+    assert fake.get_object(c.DEFAULT_BUCKET, "job-1/scene_a.png").data == PNG
+    assert len(fake.requests_for(route="upload")) == 3
+
+
+def test_three_5xx_give_up_as_retryable(store, fake) -> None:
+    fake.fail_next_uploads(status=500, times=3)
+    with pytest.raises(RetryableError):
+        storage_call(lambda: store.put_png("job-1/scene_a.png", PNG), initial_wait_s=0.05)
+
+
+def test_too_large_is_permanent_with_a_clear_reason(store, fake) -> None:
+    fake.reject_next_uploads_too_large()
+    with pytest.raises(PermanentError, match="too large") as info:
+        storage_call(lambda: store.put_png("job-1/scene_a.png", PNG))
+    assert not isinstance(info.value, RetryableError)
+    assert len(fake.requests_for(route="upload")) == 1  # not retried
+
+
+def test_wrong_key_is_a_permanent_error_without_the_key(store, fake, key) -> None:
+    fake.accepted_keys = {"another-key-entirely"}
+    with pytest.raises(PermanentError) as info:
+        store.put_png("job-1/scene_a.png", PNG)
+    assert key not in info.value.reason
+
+
+def test_signed_url_downloads_the_same_bytes_for_14_days(store, fake) -> None:
+    store.put_png("job-1/scene_a.png", PNG)
+    url = store.signed_url("job-1/scene_a.png")
+    assert url.startswith(fake.url + "/storage/v1/object/sign/")
+    assert httpx.get(url).content == PNG
+    record = fake.signed_urls[-1]
+    assert record.expires_in == 1_209_600
+    assert record.expires_at - record.issued_at == 14 * 24 * 3600
+    fake.advance_clock(14 * 24 * 3600 + 5)
+    assert httpx.get(url).status_code != 200
+
+
+def test_retention_removes_old_objects_only(store, fake) -> None:
+    now = time.time()
+    for job in ("old-success", "recent-success", "old-failure", "orphan", "recent-orphan"):
+        store.put_png(f"{job}/scene_a.png", PNG)
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    fake.set_object_times(c.DEFAULT_BUCKET, "orphan/scene_a.png", updated_at=long_ago)
+    retention = Retention(
+        fakeredis.FakeRedis(decode_responses=True), store, success_days=14, failure_days=7
+    )
+    retention.schedule("old-success", succeeded=True, finished_at=now - 15 * 86_400)
+    retention.schedule("recent-success", succeeded=True, finished_at=now - 10 * 86_400)
+    retention.schedule("old-failure", succeeded=False, finished_at=now - 8 * 86_400)
+
+    report = retention.purge()
+
+    assert sorted(report.purged_jobs) == ["old-failure", "old-success", "orphan"]
+    left = sorted(o.name for o in fake.objects(c.DEFAULT_BUCKET))
+    assert left == ["recent-orphan/scene_a.png", "recent-success/scene_a.png"]
+    assert retention.purge().purged_jobs == []  # nothing due twice
