@@ -30,12 +30,21 @@ worker_prefetch_multiplier = 1
 # Retry-After wait), so a slow image is never handed to a second worker while it runs.
 broker_transport_options = {"visibility_timeout": 600}
 broker_connection_retry_on_startup = True
-broker_connection_max_retries = None
+broker_connection_max_retries = None  # reconnect for as long as it takes
+# Result writes (chord counts among them) ride out a Redis restart instead of failing a task.
+result_backend_always_retry = True
+result_backend_max_retries = 30
+redis_backend_health_check_interval = 30
+# A running task keeps going when the broker blips: its result and events still land, and
+# its lease covers it if its ack is lost.
+worker_cancel_long_running_tasks_on_connection_loss = False
 
 # For Flower.
 worker_send_task_events = True
 task_send_sent_event = True
 task_track_started = True
+# Task arguments kept with results: Flower shows them, and a task can be inspected by id.
+result_extended = True
 
 # Results must expire (a week: enough to read one by job id) but never with 0, which hangs
 # chords on the Redis backend.

@@ -82,9 +82,14 @@ def run(request: RunRequest, settings: Settings) -> int:
     # Celery is imported only once the plan is good: a bad file fails fast.
     from tasks.app import app
 
+    # A client should not sit in the result backend's retry loop while the broker is away;
+    # it has its own, bounded, grace period.
+    app.conf.result_backend_max_retries = 2
+
+    channel = c.events_channel(job_id)
     pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     # Subscribe before sending: pub/sub keeps nothing for late listeners.
-    pubsub.subscribe(c.events_channel(job_id))
+    pubsub.subscribe(channel)
     app.send_task(
         c.TASK_START,
         kwargs={"job_id": job_id, "plan": plan, "duration_seconds": request.duration_seconds},
@@ -95,26 +100,52 @@ def run(request: RunRequest, settings: Settings) -> int:
     next_poll = 0.0
     try:
         while time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=0.5)
-            if message is not None:
-                view.handle(message["data"])
-            now = time.monotonic()
-            # Events can be missed (a duplicate job, a reconnect): the result is the truth.
-            if view.finished or now >= next_poll:
-                next_poll = now + 1.0
-                if result.ready():
-                    return _print_result(result.get(timeout=10))
+            try:
+                message = pubsub.get_message(timeout=0.5)
+                if message is not None:
+                    view.handle(message["data"])
+                now = time.monotonic()
+                # Events can be missed (a duplicate job, a broker restart): the result is
+                # the truth.
+                if view.finished or now >= next_poll:
+                    next_poll = now + 1.0
+                    if result.ready():
+                        return _print_result(result.get(timeout=10))
+            except (redis.RedisError, OSError):
+                if not _wait_for_redis(client, settings.redis_url, settings.broker_grace_s):
+                    return EXIT_BROKER
+                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub.subscribe(channel)
         print(
             f"refgen: no result for job {job_id} after {request.timeout_s:g} s; "
             "it may still finish (read it by job id)",
             file=sys.stderr,
         )
         return EXIT_TIMEOUT
-    except redis.RedisError as exc:
-        print(f"refgen: lost Redis at {safe_url(settings.redis_url)}: {exc}", file=sys.stderr)
-        return EXIT_BROKER
     finally:
         pubsub.close()
+
+
+def _wait_for_redis(client: redis.Redis, url: str, grace_s: float) -> bool:
+    """Ride out a broker restart; give up, clearly, when it stays gone."""
+    print(
+        f"refgen: lost Redis at {safe_url(url)}; waiting up to {grace_s:g} s for it to come back",
+        file=sys.stderr,
+    )
+    end = time.monotonic() + grace_s
+    while time.monotonic() < end:
+        try:
+            client.ping()
+            print("refgen: Redis is back", file=sys.stderr)
+            return True
+        except (redis.RedisError, OSError):
+            time.sleep(1.0)
+    print(
+        f"refgen: Redis at {safe_url(url)} is gone; the job may still finish on its "
+        "workers when it returns (read the result by job id)",
+        file=sys.stderr,
+    )
+    return False
 
 
 def _print_result(result: Any) -> int:

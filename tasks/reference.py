@@ -4,28 +4,44 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from celery import chord, states
 
 from tasks.app import app, services
+from tasks.recovery import hold_for_retry
 from worker import constants as c
 from worker.lifecycle import Duplicate, JobFinalizer, JobIntake, Launch
 from worker.models import ImageOutcome, ImageSpec
 from worker.pipeline import ImagePipeline, RetryIn
+
+log = structlog.get_logger(__name__)
 
 
 # ignore_result: the job's result lives under the job id (finalize's task id); start's own
 # return value must never land there, even if a caller sends start with task_id=job_id.
 @app.task(name=c.TASK_START, bind=True, ignore_result=True)
 def start(
-    self: Any, job_id: object = None, plan: object = None, duration_seconds: object = None
+    self: Any,
+    job_id: object = None,
+    plan: object = None,
+    duration_seconds: object = None,
+    **unexpected: object,
 ) -> dict[str, Any]:
-    admission = JobIntake(services()).admit(
-        job_id, plan, duration_seconds, task_id=self.request.id or ""
-    )
+    if unexpected:
+        log.warning("start_unexpected_kwargs", names=sorted(unexpected)[:10])
+    intake = JobIntake(services())
+    admission = intake.admit(job_id, plan, duration_seconds, task_id=self.request.id or "")
     if isinstance(admission, Launch):
         job = admission.plan
-        header = [generate_reference.s(spec.model_dump(mode="json")) for spec in job.images]
+        # Task ids derived from the job make a resent header task the same chord part.
+        header = [
+            generate_reference.s(spec.model_dump(mode="json")).set(
+                task_id=f"{job.job_id}:{spec.key}"
+            )
+            for spec in job.images
+        ]
         chord(header)(finalize.s(job.job_id).set(task_id=job.job_id))
+        intake.launched(job.job_id)
         return {"job_id": job.job_id, "status": "queued", "total_images": len(job.images)}
     if isinstance(admission, Duplicate):
         return {"job_id": job_id, "status": "duplicate", "claimed_by": admission.claimed_by}
@@ -47,7 +63,11 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
     image = ImageSpec.model_validate(spec)
     step = ImagePipeline(services()).run(image, attempt=self.request.retries)
     if isinstance(step, RetryIn):
-        raise self.retry(countdown=step.delay_s, max_retries=c.GENERATION_MAX_ATTEMPTS - 1)
+        retry = self.retry(
+            countdown=step.delay_s, max_retries=c.GENERATION_MAX_ATTEMPTS - 1, throw=False
+        )
+        hold_for_retry(self.request.id, retry.sig, step.delay_s)
+        raise retry
     return step.model_dump(mode="json")
 
 

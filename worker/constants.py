@@ -72,6 +72,7 @@ class JobKeys:
     which the ledger's Lua scripts need."""
 
     def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
         prefix = f"refgen:job:{{{job_id}}}"
         self.claim = f"{prefix}:claim"
         self.meta = f"{prefix}:meta"
@@ -83,6 +84,11 @@ class JobKeys:
         self.finalized = f"{prefix}:finalized"
         self.result = f"{prefix}:result"
         self.predictions = f"{prefix}:predictions"
+        self.made = f"{prefix}:made"
+        self.succeeded = f"{prefix}:succeeded"
+
+    def image_lock(self, image_key: str) -> str:
+        return f"refgen:job:{{{self.job_id}}}:lock:{image_key}"
 
     def all(self) -> list[str]:
         return [
@@ -96,8 +102,15 @@ class JobKeys:
             self.finalized,
             self.result,
             self.predictions,
+            self.made,
+            self.succeeded,
         ]
 
+
+# Worst case for one image is two attempts of 120 s plus downloads, uploads and a capped
+# Retry-After: about 6 minutes. Fifteen leave room for a queue behind the job.
+JOB_DEADLINE_S: Final = 900.0
+LEASE_TTL_S: Final = 20.0
 
 # How long a job's bookkeeping outlives it: long enough to read the result by job id.
 JOB_STATE_TTL_S: Final = 7 * 24 * 3600

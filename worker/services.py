@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from worker.budget import CostLedger
+from worker.deadlines import JobDeadlines
 from worker.events import EventPublisher
 from worker.generation import ImageGenerator, PredictionCheckpoints
 from worker.jobs import JobStore
+from worker.leases import ImageLocks, LeaseBook
 from worker.retention import Retention
 from worker.settings import Settings
 from worker.storage import ImageStore
@@ -25,6 +29,9 @@ class Services:
     jobs: JobStore
     events: EventPublisher
     retention: Retention
+    leases: LeaseBook
+    locks: ImageLocks
+    deadlines: JobDeadlines
 
     @classmethod
     def build(
@@ -36,9 +43,7 @@ class Services:
         store: ImageStore | None = None,
     ) -> Services:
         """Real adapters chosen by the settings; any of them can be handed in instead."""
-        client = client or redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, health_check_interval=30
-        )
+        client = client or redis_client(settings.redis_url)
         jobs = JobStore(client)
         store = store or make_store(settings)
         return cls(
@@ -55,7 +60,24 @@ class Services:
                 success_days=settings.retention_success_days,
                 failure_days=settings.retention_failure_days,
             ),
+            leases=LeaseBook(client, ttl_s=settings.lease_ttl_s),
+            locks=ImageLocks(client, ttl_s=settings.lease_ttl_s),
+            deadlines=JobDeadlines(client),
         )
+
+
+def redis_client(url: str) -> redis.Redis:
+    """Our Redis client. It rides out a broker restart: connection errors are retried with
+    backoff for about half a minute before a call gives up."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=30,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
 
 
 def make_generator(settings: Settings, checkpoints: PredictionCheckpoints) -> ImageGenerator:
@@ -71,6 +93,7 @@ def make_generator(settings: Settings, checkpoints: PredictionCheckpoints) -> Im
         fail_ids=settings.local_generator_fail_ids,
         flaky_ids=settings.local_generator_flaky_ids,
         reject_ids=settings.local_generator_reject_ids,
+        journal=settings.local_generator_journal,
     )
 
 

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     reference_model_dev: str = c.SDXL_VERSION
     hardware_price_per_second: Decimal = c.DEFAULT_HARDWARE_PRICE_PER_S
     image_timeout_s: float = Field(default=c.IMAGE_TIMEOUT_S, gt=0)
+    # A job still unfinished this long after it started is finalized with what exists.
+    job_deadline_s: float = Field(default=c.JOB_DEADLINE_S, gt=0)
+    # A running task's lease; a worker silent this long is presumed dead and its tasks resent.
+    lease_ttl_s: float = Field(default=c.LEASE_TTL_S, ge=2)
 
     supabase_url: str | None = None
     supabase_service_key: SecretStr | None = None
@@ -77,6 +81,11 @@ class Settings(BaseSettings):
     local_generator_reject_ids: Annotated[list[str], NoDecode] = []
     local_generator_cost: Decimal = c.FALLBACK_IMAGE_COST
     local_storage_dir: Path = Path(".refgen/storage")
+    # Appends one line per image the local generator makes: how tests count generations.
+    local_generator_journal: Path | None = None
+
+    # How long `refgen run` waits for a lost broker before it says so and exits.
+    broker_grace_s: float = Field(default=30.0, ge=0)
 
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "console"

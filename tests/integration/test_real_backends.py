@@ -4,6 +4,7 @@ at local servers that speak their APIs. The worker reaches them by URL alone."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import secrets
 import signal
@@ -257,3 +258,27 @@ def test_killed_pool_process_resumes_the_same_prediction(
     finally:
         worker.stop()
         real_worker.start(run_real.client)
+
+
+def test_credentials_appear_in_no_log_event_or_result(
+    real_worker, run_real, load_plan, replicate_fake, supabase_fake, secrets_in_use, log_dir
+) -> None:
+    ok = run_real(load_plan("typical_2x2"))
+    # A job whose every call is refused: error paths are where secrets usually leak.
+    replicate_fake.api_token = "r8_" + secrets.token_hex(16)
+    try:
+        refused = run_real(load_plan("typical_2x2"))
+    finally:
+        replicate_fake.api_token = secrets_in_use["token"]
+    assert ok.result["status"] == "success"
+    assert refused.result is None
+    reasons = [d["reason"] for d in refused.of("reference_generation_failed")]
+    assert reasons and all("HTTP 401" in r for r in reasons)
+
+    logs = (log_dir / "worker.log").read_text()
+    assert "Task reference_generator.finalize" in logs  # the log is the worker's, and full
+    for secret in secrets_in_use.values():
+        assert secret not in logs
+        for run in (ok, refused):
+            assert secret not in json.dumps(run.events)
+            assert secret not in json.dumps(run.result)

@@ -126,3 +126,60 @@ def test_budget_refusal_is_permanent(services: Services) -> None:
     assert not isinstance(outcome, RetryIn) and not outcome.ok
     assert "Budget exceeded" in (outcome.reason or "")
     assert CountingGenerator.calls == 0
+
+
+def test_an_image_paid_for_and_stored_is_reused_not_made_again(services: Services) -> None:
+    """A delivery died after the upload, before recording: the next one reuses the file."""
+    from worker.jobs import MadeImage
+
+    image = spec()
+    services.ledger.open(image.job_id, None)
+    services.ledger.charge(image.job_id, image.key, Decimal("0.005"))
+    services.jobs.note_made(image.job_id, image.key, MadeImage(1.25, "0.005"))
+    services.store.put_png(image.storage_path, b"\x89PNG stored")
+    outcome = ImagePipeline(services).run(image, attempt=0)
+    assert not isinstance(outcome, RetryIn) and outcome.ok
+    assert (outcome.generation_time, outcome.cost) == (1.25, Decimal("0.005"))
+    assert CountingGenerator.calls == 0
+    assert services.ledger.totals(image.job_id).spent == Decimal("0.005")
+
+
+def test_a_paid_image_missing_from_the_store_is_made_without_paying_again(
+    services: Services,
+) -> None:
+    from worker.jobs import MadeImage
+
+    image = spec()
+    services.ledger.open(image.job_id, None)
+    services.ledger.charge(image.job_id, image.key, Decimal("0.005"))
+    services.jobs.note_made(image.job_id, image.key, MadeImage(1.0, "0.005"))
+    outcome = ImagePipeline(services).run(image, attempt=0)
+    assert not isinstance(outcome, RetryIn) and outcome.ok
+    assert CountingGenerator.calls == 1  # interrupted before upload: made once more
+    assert services.ledger.totals(image.job_id).spent == Decimal("0.005")  # charged once
+
+
+def test_a_second_delivery_waits_for_the_first(services: Services, redis_client) -> None:
+    """Two deliveries of one image at once: one generates, the other returns its outcome."""
+    import threading
+
+    slow = Services.build(
+        services.settings,
+        client=redis_client,
+        store=services.store,
+        generator=CountingGenerator(latency_s=0.5),
+    )
+    image = spec()
+    slow.ledger.open(image.job_id, None)
+    results: list = []
+    threads = [
+        threading.Thread(target=lambda: results.append(ImagePipeline(slow).run(image, 0)))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert CountingGenerator.calls == 1
+    assert len({r.image_url for r in results}) == 1
+    assert slow.ledger.totals(image.job_id).spent == Decimal("0.005")

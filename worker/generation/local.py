@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import time
 from collections.abc import Collection
 from decimal import Decimal
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -32,12 +34,14 @@ class LocalImageGenerator:
         fail_ids: Collection[str] = (),
         flaky_ids: Collection[str] = (),
         reject_ids: Collection[str] = (),
+        journal: Path | None = None,
     ) -> None:
         self._latency_s = latency_s
         self._cost = cost
         self._fail_ids = frozenset(fail_ids)
         self._flaky_ids = frozenset(flaky_ids)
         self._reject_ids = frozenset(reject_ids)
+        self._journal = journal
 
     def generate(self, request: GenerationRequest) -> GeneratedImage:
         started = time.monotonic()
@@ -56,6 +60,11 @@ class LocalImageGenerator:
                 "The image service is temporarily unavailable (simulated by the local generator)"
             )
         png = render_png(request.prompt, request.palette)
+        if self._journal is not None:
+            # One short O_APPEND write per image: whole lines even with many processes.
+            line = f"{request.job_id} {request.image_key} {request.attempt} {os.getpid()}\n"
+            with self._journal.open("a", encoding="utf-8") as handle:
+                handle.write(line)
         return GeneratedImage(
             png=png, cost=self._cost, generation_time=round(time.monotonic() - started, 3)
         )

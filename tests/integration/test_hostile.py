@@ -1,0 +1,95 @@
+"""Hostile input sent by name to a real worker: each case ends within seconds with a clear
+error event or a sane result, nothing escapes the job's storage prefix, and the worker keeps
+serving. Messages that are not JSON are refused, never unpickled."""
+
+from __future__ import annotations
+
+import pickle
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Connection, Producer
+
+from tests.hostile import Case, cases, fresh
+
+pytestmark = pytest.mark.integration
+CASES = cases()
+
+
+class Tripwire:
+    """Unpickling this creates a file: proof that the worker deserialized pickle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_hostile_plan_sent_by_name(case: Case, worker, run_job, redis_server, storage_dir) -> None:
+    job_id, plan = fresh(case)
+    run = run_job(
+        plan,
+        duration_seconds=case.duration_seconds,
+        job_id=str(job_id),
+        timeout_s=10 if case.refused else 30,
+    )
+    if case.refused:
+        assert run.result is None
+        assert run.types == ["error", "stage_update"]
+        error = run.events[0][1]
+        assert error["reason"] and "Traceback" not in error["reason"]
+        assert run.events[1][1]["status"] == "failed"
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        # Nothing queued, generated or charged for a refused plan.
+        assert not client.exists(f"refgen:job:{{{job_id}}}:meta")
+        assert not client.hgetall(f"refgen:job:{{{job_id}}}:charges")
+    else:
+        assert run.result is not None and run.result["status"] == "success"
+    bucket = storage_dir / "reference-images"
+    for path in bucket.rglob("*"):
+        assert path.resolve().is_relative_to(bucket.resolve())
+        if path.is_file() and not path.name.startswith("."):
+            uuid.UUID(path.parent.name)  # every file sits under a real job id
+    assert worker.alive
+
+
+def test_messages_that_are_not_json_are_refused(
+    worker, run_job, redis_server, load_plan, tmp_path
+) -> None:
+    tripwire = tmp_path / "unpickled"
+    with Connection(redis_server.url) as connection:
+        producer = Producer(connection)
+        headers = {
+            "task": "reference_generator.start",
+            "id": str(uuid.uuid4()),
+            "lang": "py",
+            "argsrepr": "",
+            "kwargsrepr": "",
+        }
+        producer.publish(
+            pickle.dumps(((), {"plan": Tripwire(tripwire)}, {})),
+            routing_key="reference_generator",
+            headers=headers,
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            serializer=None,
+        )
+        producer.publish(
+            b"{not json at all",
+            routing_key="reference_generator",
+            headers={**headers, "id": str(uuid.uuid4())},
+            content_type="application/json",
+            content_encoding="utf-8",
+            serializer=None,
+        )
+    # The worker takes the next job as if nothing happened...
+    assert run_job(load_plan("minimal_1x1")).result["status"] == "success"
+    # ...and never ran the pickle.
+    assert not tripwire.exists()
+    assert worker.alive
+    log = Path(worker.log_path).read_text()
+    assert "pickle" in log.lower() or "refus" in log.lower()
