@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.harness import JobRunner, WorkerProcess, base_worker_env
 from tasks.localredis import RedisServer, free_port
-from tests.integration.conftest import JobRunner, WorkerProcess, base_worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import redis
 
+from tasks.harness import JobRun, JobRunner, WorkerProcess, base_worker_env
 from tasks.localredis import RedisServer
-from tests.integration.conftest import JobRun, JobRunner, WorkerProcess, base_worker_env
 from worker.leases import LEASE_PAYLOADS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -233,3 +233,28 @@ def poll_result(runner: JobRunner, job_id: str, timeout_s: float) -> Any:
             pass  # the broker is coming back
         time.sleep(0.5)
     pytest.fail(f"no result for {job_id} in {timeout_s} s")
+
+
+def test_a_job_whose_images_are_lost_for_good_ends_at_its_deadline(
+    env, broker, journal, tmp_path, workers, load_plan
+) -> None:
+    runner = JobRunner(broker.url)
+    start_worker(
+        env, runner, tmp_path, "lonely", workers, REFERENCE_GEN_CONCURRENCY="1", JOB_DEADLINE_S="8"
+    )
+    plan = load_plan("typical_2x2")
+    thread, box = in_background(runner, plan)
+    client = redis.Redis.from_url(broker.url, decode_responses=True)
+    wait_for(lambda: client.hlen(LEASE_PAYLOADS) >= 1, 30, "the first image to start")
+    client.delete("reference_generator")  # the three queued images vanish from the broker
+    thread.join(timeout=60)
+    run = box[0]
+
+    assert run.result is None  # one image of four: text-only
+    final = run.events[-1][1]
+    assert (final["status"], final["successful_images"], final["failed_images"]) == ("failed", 1, 3)
+    lost = run.of("reference_generation_failed")
+    assert len(lost) == 3
+    assert all("job deadline (8 s)" in event["reason"] for event in lost)
+    assert runner.client.AsyncResult(plan["job_id"]).get(timeout=10) is None
+    assert len([t for t in run.types if t == "stage_update"]) == 2  # finalized once

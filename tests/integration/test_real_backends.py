@@ -18,11 +18,11 @@ import httpx
 import pytest
 from PIL import Image
 
+from tasks.harness import JobRunner, WorkerProcess, base_worker_env
 from tasks.localredis import RedisServer
 from tests.fakes._http import Fault
 from tests.fakes.replicate_server import FakeReplicate
 from tests.fakes.supabase_server import FakeSupabaseStorage
-from tests.integration.conftest import JobRunner, WorkerProcess, base_worker_env
 from worker import constants as c
 
 pytestmark = pytest.mark.integration
