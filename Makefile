@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: bootstrap demo test test-unit test-integration lint format typecheck lock clean
+.PHONY: bootstrap demo test test-unit test-integration lint format bench lock clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -27,6 +27,9 @@ lint: bootstrap
 format: bootstrap
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+bench: bootstrap
+	$(BIN)/python -m bench
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock: bootstrap

@@ -4,6 +4,7 @@ and as one JSON line each (``{"figure": ..., "value": ..., "unit": ...}``)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -12,8 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import structlog
+
 from tasks.harness import JobRunner, WorkerProcess, base_worker_env
 from tasks.localredis import RedisServer
+
+# The in-process baseline runs worker code here: keep its info lines out of the figures.
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = ROOT / "examples" / "plans"
@@ -45,9 +51,8 @@ def cluster(
     backends, stopped and removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="refgen-bench-") as tmp, RedisServer() as broker:
         env = base_worker_env(broker.url, Path(tmp) / "storage")
-        env.update(
-            GENERATOR_BACKEND="local", STORAGE_BACKEND="local", LOG_LEVEL="WARNING", **env_overrides
-        )
+        env.update(GENERATOR_BACKEND="local", STORAGE_BACKEND="local", LOG_LEVEL="WARNING")
+        env.update(env_overrides)
         runner = JobRunner(broker.url)
         started = [
             WorkerProcess(env, Path(tmp) / f"w{i}.log", f"bench{i}").start(runner.client)

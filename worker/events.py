@@ -113,16 +113,32 @@ def encode(event: _Payload) -> str:
     )
 
 
+# Every event leaves Redis through this Lua function, so each message carries one clock: the
+# server's. ``published_at`` (unix seconds, microseconds) is appended to the envelope as text,
+# which keeps full precision (cjson would round to 14 digits).
+ANNOUNCE_LUA = """
+local function announce(channel, message)
+  local now = redis.call('TIME')
+  local stamped = string.sub(message, 1, -2) .. ',"published_at":' .. now[1] .. '.'
+    .. string.format('%06d', tonumber(now[2])) .. '}'
+  redis.call('PUBLISH', channel, stamped)
+  return stamped
+end
+"""
+_PUBLISH = ANNOUNCE_LUA + "announce(ARGV[1], ARGV[2])\nreturn 0\n"
+
+
 class EventPublisher:
     """Publishes job events. Takes a ready-made Redis client, so tests can hand it a fake."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
+        self._publish = client.register_script(_PUBLISH)
 
     def publish(self, job_id: str, event: _Payload) -> None:
         message = encode(event)
         try:
-            self._redis.publish(c.events_channel(job_id), message)
+            self._publish(keys=[], args=[c.events_channel(job_id), message])
         except redis.RedisError as exc:
             # Progress is best effort: a lost event must not fail a paid image.
             log.warning("event_publish_failed", job_id=job_id, error=type(exc).__name__)

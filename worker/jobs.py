@@ -14,10 +14,13 @@ from dataclasses import asdict, dataclass
 import redis
 
 from worker import constants as c
+from worker.events import ANNOUNCE_LUA
 from worker.generation import PredictionRef
 from worker.models import ImageOutcome
 
-_RECORD_AND_ANNOUNCE = """
+_RECORD_AND_ANNOUNCE = (
+    ANNOUNCE_LUA
+    + """
 local images, succeeded_key = KEYS[1], KEYS[2]
 local image, outcome, ok, total, ttl, channel = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
   tonumber(ARGV[5]), ARGV[6]
@@ -35,10 +38,11 @@ for i = 7, #ARGV do
   if event.data.progress ~= nil then
     event.data.progress = math.min(100, math.floor(finished * 100 / total))
   end
-  redis.call('PUBLISH', channel, cjson.encode(event))
+  announce(channel, cjson.encode(event))
 end
 return {1, outcome}
 """
+)
 
 
 @dataclass(frozen=True)

@@ -44,14 +44,14 @@ class Services:
     ) -> Services:
         """Real adapters chosen by the settings; any of them can be handed in instead."""
         client = client or redis_client(settings.redis_url)
-        jobs = JobStore(client)
+        jobs = JobStore(client, ttl_s=settings.job_state_ttl_s)
         store = store or make_store(settings)
         return cls(
             settings=settings,
             client=client,
-            generator=generator or make_generator(settings, jobs),
+            generator=generator or make_generator(settings, jobs, client),
             store=store,
-            ledger=CostLedger(client),
+            ledger=CostLedger(client, ttl_s=settings.job_state_ttl_s),
             jobs=jobs,
             events=EventPublisher(client),
             retention=Retention(
@@ -80,11 +80,15 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
-def make_generator(settings: Settings, checkpoints: PredictionCheckpoints) -> ImageGenerator:
+def make_generator(
+    settings: Settings, checkpoints: PredictionCheckpoints, client: redis.Redis
+) -> ImageGenerator:
     if settings.resolved_generator_backend() == "replicate":
         from worker.generation.replicate import ReplicateImageGenerator
+        from worker.ratelimit import RedisRateGate
 
-        return ReplicateImageGenerator.from_settings(settings, checkpoints)
+        gate = RedisRateGate(client, limit=settings.replicate_creates_per_second)
+        return ReplicateImageGenerator.from_settings(settings, checkpoints, gate)
     from worker.generation.local import LocalImageGenerator
 
     return LocalImageGenerator(

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     reference_model_prod: str = c.SDXL_VERSION
     reference_model_dev: str = c.SDXL_VERSION
     hardware_price_per_second: Decimal = c.DEFAULT_HARDWARE_PRICE_PER_S
+    # Shared by all workers: Replicate allows 600 prediction creates a minute.
+    replicate_creates_per_second: int = Field(default=10, ge=1)
     image_timeout_s: float = Field(default=c.IMAGE_TIMEOUT_S, gt=0)
     # A job still unfinished this long after it started is finalized with what exists.
     job_deadline_s: float = Field(default=c.JOB_DEADLINE_S, gt=0)
@@ -73,6 +75,8 @@ class Settings(BaseSettings):
     reference_gen_pool: Literal["threads", "prefork", "solo"] = "threads"
     reference_gen_queues: Annotated[list[str], NoDecode] = [c.DEFAULT_QUEUE, "celery"]
     max_images_per_job: int = Field(default=c.MAX_IMAGES_PER_JOB, ge=1)
+    # How long a job's result and bookkeeping stay readable in Redis (README: Scaling).
+    job_state_ttl_s: int = Field(default=c.JOB_STATE_TTL_S, ge=3600)
     budget_per_video_minute: Decimal = c.BUDGET_PER_VIDEO_MINUTE
 
     local_generator_latency_s: float = Field(default=1.0, ge=0)

@@ -78,16 +78,21 @@ def test_payloads_refuse_unknown_fields() -> None:
         )
 
 
-def test_publisher_publishes_on_the_job_channel() -> None:
-    server = fakeredis.FakeServer()
-    client = fakeredis.FakeRedis(server=server, decode_responses=True)
-    listener = client.pubsub(ignore_subscribe_messages=True)
+def test_publisher_publishes_on_the_job_channel_with_the_servers_clock(redis_client) -> None:
+    import time
+
+    listener = redis_client.pubsub(ignore_subscribe_messages=True)
     listener.subscribe(c.events_channel("job-1"))
-    EventPublisher(client).publish("job-1", StageStarted())
-    # The first read may only consume the subscribe confirmation.
-    message = listener.get_message(timeout=1) or listener.get_message(timeout=1)
+    listener.get_message(timeout=0.2)  # the subscribe confirmation
+    before = time.time()
+    EventPublisher(redis_client).publish("job-1", StageStarted())
+    message = listener.get_message(timeout=1)
     assert message is not None and message["channel"] == "job_events:job-1"
-    assert json.loads(message["data"])["event_type"] == "stage_update"
+    body = json.loads(message["data"])
+    assert body["event_type"] == "stage_update"
+    assert body["data"]["status"] == "started"
+    assert before - 1 < body["published_at"] < time.time() + 1
+    assert len(message["data"].split('"published_at":')[1].split(".")[1]) == 7  # µs + "}"
 
 
 def test_publisher_survives_a_broken_connection() -> None:

@@ -24,6 +24,7 @@ class LocalImageStore:
     def __init__(self, root: Path, bucket: str = c.DEFAULT_BUCKET) -> None:
         self._root = root.resolve()
         self._bucket_dir = self._root / bucket
+        self._key: bytes | None = None
 
     @property
     def bucket_dir(self) -> Path:
@@ -101,6 +102,11 @@ class LocalImageStore:
             self._file(path).unlink(missing_ok=True)
 
     def _signing_key(self) -> bytes:
+        if self._key is None:
+            self._key = self._load_or_create_key()
+        return self._key
+
+    def _load_or_create_key(self) -> bytes:
         key_file = self._root / _KEY_FILE
         if not key_file.exists():
             self._root.mkdir(parents=True, exist_ok=True)

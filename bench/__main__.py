@@ -1,0 +1,15 @@
+"""`python -m bench`: every benchmark, one after another (about six minutes)."""
+
+from __future__ import annotations
+
+from bench import cost, events, latency, memory, recovery, redis_memory, throughput
+
+
+def main() -> None:
+    for module in (latency, throughput, memory, events, cost, redis_memory, recovery):
+        print(f"=== {module.__name__}", flush=True)
+        module.main()
+
+
+if __name__ == "__main__":
+    main()
