@@ -2,21 +2,25 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: bootstrap demo test test-unit test-integration lint format bench lock clean
+.PHONY: bootstrap bootstrap-test demo test test-unit test-integration lint format bench lock clean
 
 bootstrap:
 	@scripts/bootstrap.sh
 
+# The tests also need Chromium (Debian's) for the browser test.
+bootstrap-test:
+	@scripts/bootstrap.sh --test
+
 demo: bootstrap
 	$(BIN)/refgen demo
 
-test: bootstrap
+test: bootstrap-test
 	$(BIN)/python -m pytest
 
 test-unit: bootstrap
 	$(BIN)/python -m pytest tests/unit
 
-test-integration: bootstrap
+test-integration: bootstrap-test
 	$(BIN)/python -m pytest tests/integration
 
 lint: bootstrap
@@ -33,7 +37,7 @@ bench: bootstrap
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock: bootstrap
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^refgen' > constraints.txt
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -e '^refgen' -e '^py-spy' > constraints.txt
 
 clean:
 	rm -rf .refgen .pytest_cache .mypy_cache .ruff_cache

@@ -21,7 +21,7 @@ from worker.generation import GenerationRequest
 from worker.generation.local import LocalImageGenerator
 from worker.lifecycle import JobFinalizer, JobIntake, Launch
 from worker.models import ImageOutcome, ImageSpec
-from worker.pipeline import ImagePipeline, RetryIn
+from worker.pipeline import ImagePipeline, RetryIn, generation_request
 from worker.planning import plan_job
 from worker.services import Services
 from worker.settings import Settings
@@ -37,18 +37,7 @@ def requests() -> list[GenerationRequest]:
     job = plan_job(
         str(plan["job_id"]), plan, None, max_images=50, per_minute=settings.budget_per_video_minute
     )
-    return [
-        GenerationRequest(
-            job_id=i.job_id,
-            image_id=i.image_id,
-            image_key=i.key,
-            prompt=i.prompt,
-            negative_prompt=i.negative_prompt,
-            seed=i.seed,
-            palette=i.palette,
-        )
-        for i in job.images
-    ]
+    return [generation_request(spec, 0, settings.image_timeout_s) for spec in job.images]
 
 
 def make_and_store(

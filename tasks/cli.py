@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=900.0, help="seconds to wait for the result (default 900)"
     )
 
+    gateway = commands.add_parser(
+        "gateway", help="serve job events (SSE, with replay), the live job page and /metrics"
+    )
+    gateway.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    gateway.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+
     demo = commands.add_parser("demo", help="a sample plan end to end on the local backends")
     demo.add_argument("--plan", type=Path, default=None, help="another plan to run")
     return parser
@@ -91,6 +97,13 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
         return run(
             RunRequest(args.plan, args.duration_seconds, args.job_id, args.timeout), settings
         )
+    if args.command == "gateway":
+        import uvicorn
+
+        from worker.gateway.app import create_app
+
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+        return 0
     from tasks.demo import DEFAULT_PLAN, demo
 
     return demo(args.plan or DEFAULT_PLAN)

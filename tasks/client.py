@@ -123,6 +123,7 @@ def run(request: RunRequest, settings: Settings) -> int:
         )
         return EXIT_TIMEOUT
     finally:
+        view.close()
         pubsub.close()
 
 

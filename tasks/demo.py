@@ -19,7 +19,17 @@ from tasks.localredis import RedisServer, reachable
 from worker import constants as c
 from worker.settings import get_settings
 
-DEFAULT_PLAN = Path(__file__).resolve().parents[1] / "examples" / "plans" / "typical_2x2.json"
+_SAMPLE = Path("examples") / "plans" / "typical_2x2.json"
+# Beside the sources in a checkout; in the working directory where the package is installed
+# (the Docker image keeps examples/ in /app).
+DEFAULT_PLAN = next(
+    (
+        p
+        for p in (Path(__file__).resolve().parents[1] / _SAMPLE, Path.cwd() / _SAMPLE)
+        if p.exists()
+    ),
+    Path(__file__).resolve().parents[1] / _SAMPLE,
+)
 _LOG_DIR = Path(".refgen")
 
 

@@ -64,14 +64,21 @@ class WorkerProcess:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
-        if self.alive:
-            assert self.process is not None
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_process_group(self.process)
+
+
+def stop_process_group(process: subprocess.Popen[Any], timeout_s: float = 20) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and everything it started;
+    SIGKILL what is still there after ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @dataclass

@@ -1,29 +1,49 @@
-"""What ``refgen run`` shows on stderr while a job runs: a bar on a terminal, lines otherwise."""
+"""What ``refgen run`` shows on stderr while a job runs: a rich progress bar on a terminal
+(images done, retries, failures, cost), and plain lines when not a terminal."""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from worker import constants as c
 
 
-@dataclass
 class ProgressView:
-    stream: TextIO = field(default_factory=lambda: sys.stderr)
-    total: int = 0
-    done: int = 0
-    failed: int = 0
-    retries: int = 0
-    cost: Decimal = Decimal(0)
-    finished: bool = False
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.total: int | None = None
+        self.done = self.failed = self.retries = 0
+        self.cost = Decimal(0)
+        self.finished = False
+        self._bar: Progress | None = None
+        self._task: Any = None
+        if self.stream.isatty():
+            self._bar = Progress(
+                TextColumn("[bold]images"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(
+                    "failed {task.fields[failed]}  retries {task.fields[retries]}  "
+                    "${task.fields[cost]}"
+                ),
+                TimeElapsedColumn(),
+                console=Console(file=self.stream),
+                # stdout carries the result JSON: the bar must never capture it.
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self._task = self._bar.add_task("job", total=None, failed=0, retries=0, cost="0")
+            self._bar.start()
 
     @property
     def interactive(self) -> bool:
-        return self.stream.isatty()
+        return self._bar is not None
 
     def handle(self, raw: str) -> None:
         try:
@@ -32,18 +52,29 @@ class ProgressView:
         except (ValueError, KeyError, TypeError):
             return
         self._update(event_type, data)
-        line = _describe(event_type, data)
-        if self.interactive:
-            self._draw_bar(line)
+        line = describe(event_type, data)
+        if self._bar is not None:
+            if line:
+                self._bar.console.print(line, highlight=False, markup=False)
+            self._bar.update(
+                self._task,
+                total=self.total,
+                completed=self.done + self.failed,
+                failed=self.failed,
+                retries=self.retries,
+                cost=str(self.cost),
+            )
         elif line:
             print(line, file=self.stream, flush=True)
 
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
     def _update(self, event_type: str, data: dict[str, Any]) -> None:
-        if event_type == c.EVENT_STAGE_UPDATE and data.get("total_images"):
+        if data.get("total_images"):
             self.total = int(data["total_images"])
-        if event_type == c.EVENT_IMAGE_START:
-            self.total = int(data.get("total_images", self.total))
-        elif event_type == c.EVENT_IMAGE_COMPLETE:
+        if event_type == c.EVENT_IMAGE_COMPLETE:
             self.done += 1
             self.cost += Decimal(str(data.get("cost", "0")))
         elif event_type == c.EVENT_IMAGE_FAILED:
@@ -55,21 +86,8 @@ class ProgressView:
         ):
             self.finished = True
 
-    def _draw_bar(self, line: str | None) -> None:
-        width = 30
-        finished = self.done + self.failed
-        filled = width * finished // self.total if self.total else 0
-        bar = "█" * filled + "░" * (width - filled)
-        if line:
-            print(f"\r\x1b[2K{line}", file=self.stream)
-        status = (
-            f"\r\x1b[2K[{bar}] {finished}/{self.total or '?'} images"
-            f"  failed {self.failed}  retries {self.retries}  ${self.cost}"
-        )
-        print(status, end="" if not self.finished else "\n", file=self.stream, flush=True)
 
-
-def _describe(event_type: str, data: dict[str, Any]) -> str | None:
+def describe(event_type: str, data: dict[str, Any]) -> str | None:
     image = f"{data.get('image_type')} {data.get('image_id')}"
     if event_type == c.EVENT_STAGE_UPDATE:
         if data.get("status") == "started":

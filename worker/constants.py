@@ -67,6 +67,17 @@ def events_channel(job_id: str) -> str:
     return f"job_events:{job_id}"
 
 
+def events_stream(job_id: str) -> str:
+    """The job's event history (a capped Redis Stream), for replay by the SSE gateway."""
+    return f"refgen:events:{{{job_id}}}"
+
+
+# A job's stream holds at most this many events (a 50-image job makes about 260), and goes
+# this long after its last event.
+EVENTS_STREAM_MAXLEN: Final = 2000
+EVENTS_STREAM_TTL_S: Final = 24 * 3600
+
+
 class JobKeys:
     """Redis keys of one job. The ``{job_id}`` hash tag keeps them in one cluster slot,
     which the ledger's Lua scripts need."""

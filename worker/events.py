@@ -113,19 +113,22 @@ def encode(event: _Payload) -> str:
     )
 
 
-# Every event leaves Redis through this Lua function, so each message carries one clock: the
-# server's. ``published_at`` (unix seconds, microseconds) is appended to the envelope as text,
-# which keeps full precision (cjson would round to 14 digits).
-ANNOUNCE_LUA = """
-local function announce(channel, message)
+# Every event leaves Redis through this Lua function: appended to the job's stream and
+# published on its channel in one atomic step, so the replayed order is the live order. Each
+# message carries one clock, the server's: ``published_at`` (unix seconds, microseconds) is
+# appended to the envelope as text, which keeps full precision (cjson would round it).
+ANNOUNCE_LUA = f"""
+local function announce(stream, channel, message)
   local now = redis.call('TIME')
   local stamped = string.sub(message, 1, -2) .. ',"published_at":' .. now[1] .. '.'
-    .. string.format('%06d', tonumber(now[2])) .. '}'
+    .. string.format('%06d', tonumber(now[2])) .. '}}'
+  redis.call('XADD', stream, 'MAXLEN', '~', {c.EVENTS_STREAM_MAXLEN}, '*', 'message', stamped)
+  redis.call('EXPIRE', stream, {c.EVENTS_STREAM_TTL_S})
   redis.call('PUBLISH', channel, stamped)
   return stamped
 end
 """
-_PUBLISH = ANNOUNCE_LUA + "announce(ARGV[1], ARGV[2])\nreturn 0\n"
+_PUBLISH = ANNOUNCE_LUA + "announce(KEYS[1], ARGV[1], ARGV[2])\nreturn 0\n"
 
 
 class EventPublisher:
@@ -138,7 +141,7 @@ class EventPublisher:
     def publish(self, job_id: str, event: _Payload) -> None:
         message = encode(event)
         try:
-            self._publish(keys=[], args=[c.events_channel(job_id), message])
+            self._publish(keys=[c.events_stream(job_id)], args=[c.events_channel(job_id), message])
         except redis.RedisError as exc:
             # Progress is best effort: a lost event must not fail a paid image.
             log.warning("event_publish_failed", job_id=job_id, error=type(exc).__name__)

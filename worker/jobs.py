@@ -21,7 +21,7 @@ from worker.models import ImageOutcome
 _RECORD_AND_ANNOUNCE = (
     ANNOUNCE_LUA
     + """
-local images, succeeded_key = KEYS[1], KEYS[2]
+local images, succeeded_key, stream = KEYS[1], KEYS[2], KEYS[3]
 local image, outcome, ok, total, ttl, channel = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
   tonumber(ARGV[5]), ARGV[6]
 if redis.call('HSETNX', images, image, outcome) == 0 then
@@ -38,7 +38,7 @@ for i = 7, #ARGV do
   if event.data.progress ~= nil then
     event.data.progress = math.min(100, math.floor(finished * 100 / total))
   end
-  announce(channel, cjson.encode(event))
+  announce(stream, channel, cjson.encode(event))
 end
 return {1, outcome}
 """
@@ -146,7 +146,7 @@ class JobStore:
         Returns the outcome on record and whether this call stored it."""
         keys = c.JobKeys(job_id)
         is_new, stored = self._record(
-            keys=[keys.images, keys.succeeded],
+            keys=[keys.images, keys.succeeded, c.events_stream(job_id)],
             args=[
                 image_key,
                 outcome.model_dump_json(),

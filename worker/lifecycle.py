@@ -179,6 +179,14 @@ class JobFinalizer:
         s.jobs.save_result(job_id, json.dumps(payload))
         s.retention.schedule(job_id, succeeded=result is not None)
         made = sum(1 for o in outcomes if o.ok)
+        duration = round(time.time() - meta.started_at, 3) if meta else 0.0
+        s.metrics.job_finished(
+            outcome=result.status if result else "text_only",
+            made=made,
+            failed=total - made,
+            cost=totals.spent,
+            duration_s=duration,
+        )
         s.events.publish(
             job_id,
             StageFinished(
@@ -187,7 +195,7 @@ class JobFinalizer:
                 successful_images=made,
                 failed_images=total - made,
                 total_cost=totals.spent,
-                total_time=round(time.time() - meta.started_at, 3) if meta else 0.0,
+                total_time=duration,
                 result_status=result.status if result else "text_only",
             ),
         )

@@ -43,6 +43,20 @@ class RetryIn:
     reason: str
 
 
+def generation_request(spec: ImageSpec, attempt: int, deadline_s: float) -> GenerationRequest:
+    return GenerationRequest(
+        job_id=spec.job_id,
+        image_id=spec.image_id,
+        image_key=spec.key,
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        seed=spec.seed,
+        palette=spec.palette,
+        attempt=attempt,
+        deadline_s=deadline_s,
+    )
+
+
 class ImagePipeline:
     def __init__(self, services: Services) -> None:
         self._s = services
@@ -132,17 +146,7 @@ class ImagePipeline:
         s.ledger.reserve(spec.job_id, spec.key, RESERVATION_PER_IMAGE)
         try:
             generated = s.generator.generate(
-                GenerationRequest(
-                    job_id=spec.job_id,
-                    image_id=spec.image_id,
-                    image_key=spec.key,
-                    prompt=spec.prompt,
-                    negative_prompt=spec.negative_prompt,
-                    seed=spec.seed,
-                    palette=spec.palette,
-                    attempt=attempt,
-                    deadline_s=s.settings.image_timeout_s,
-                )
+                generation_request(spec, attempt, s.settings.image_timeout_s)
             )
         except BaseException:
             s.ledger.release(spec.job_id, spec.key)

@@ -14,6 +14,7 @@ from worker.events import EventPublisher
 from worker.generation import ImageGenerator, PredictionCheckpoints
 from worker.jobs import JobStore
 from worker.leases import ImageLocks, LeaseBook
+from worker.metrics import JobMetrics
 from worker.retention import Retention
 from worker.settings import Settings
 from worker.storage import ImageStore
@@ -32,6 +33,7 @@ class Services:
     leases: LeaseBook
     locks: ImageLocks
     deadlines: JobDeadlines
+    metrics: JobMetrics
 
     @classmethod
     def build(
@@ -49,7 +51,7 @@ class Services:
         return cls(
             settings=settings,
             client=client,
-            generator=generator or make_generator(settings, jobs, client),
+            generator=generator or make_generator(settings, jobs, client, JobMetrics(client)),
             store=store,
             ledger=CostLedger(client, ttl_s=settings.job_state_ttl_s),
             jobs=jobs,
@@ -63,6 +65,7 @@ class Services:
             leases=LeaseBook(client, ttl_s=settings.lease_ttl_s),
             locks=ImageLocks(client, ttl_s=settings.lease_ttl_s),
             deadlines=JobDeadlines(client),
+            metrics=JobMetrics(client),
         )
 
 
@@ -81,14 +84,19 @@ def redis_client(url: str) -> redis.Redis:
 
 
 def make_generator(
-    settings: Settings, checkpoints: PredictionCheckpoints, client: redis.Redis
+    settings: Settings,
+    checkpoints: PredictionCheckpoints,
+    client: redis.Redis,
+    metrics: JobMetrics,
 ) -> ImageGenerator:
     if settings.resolved_generator_backend() == "replicate":
         from worker.generation.replicate import ReplicateImageGenerator
         from worker.ratelimit import RedisRateGate
 
         gate = RedisRateGate(client, limit=settings.replicate_creates_per_second)
-        return ReplicateImageGenerator.from_settings(settings, checkpoints, gate)
+        return ReplicateImageGenerator.from_settings(
+            settings, checkpoints, gate, on_rate_limited=metrics.rate_limited
+        )
     from worker.generation.local import LocalImageGenerator
 
     return LocalImageGenerator(
@@ -108,4 +116,6 @@ def make_store(settings: Settings) -> ImageStore:
         return SupabaseImageStore.from_settings(settings)
     from worker.storage.local import LocalImageStore
 
-    return LocalImageStore(settings.local_storage_dir, settings.storage_bucket)
+    return LocalImageStore(
+        settings.local_storage_dir, settings.storage_bucket, settings.local_storage_public_url
+    )

@@ -45,7 +45,10 @@ def _split_csv(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+    # An empty variable counts as unset: Compose and CI templates often pass ``X=`` through.
+    model_config = SettingsConfigDict(
+        env_file=None, extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     environment: Environment = "development"
@@ -85,8 +88,14 @@ class Settings(BaseSettings):
     local_generator_reject_ids: Annotated[list[str], NoDecode] = []
     local_generator_cost: Decimal = c.FALLBACK_IMAGE_COST
     local_storage_dir: Path = Path(".refgen/storage")
+    # Where the gateway serves the local store (e.g. http://127.0.0.1:8000): signed links then
+    # point there instead of at file:// paths, so a browser can show them.
+    local_storage_public_url: str | None = None
     # Appends one line per image the local generator makes: how tests count generations.
     local_generator_journal: Path | None = None
+
+    # Comment lines an idle SSE stream sends to keep proxies from closing it.
+    gateway_keepalive_s: float = Field(default=15.0, gt=0)
 
     # How long `refgen run` waits for a lost broker before it says so and exits.
     broker_grace_s: float = Field(default=30.0, ge=0)

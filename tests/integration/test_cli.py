@@ -139,3 +139,35 @@ def test_demo_starts_what_it_needs_and_stops_it(tmp_path) -> None:
         check=False,
     )
     assert leftovers.stdout.strip() == ""  # it stopped the Redis it started
+
+
+def test_run_on_a_terminal_shows_a_progress_bar(worker, client_env, load_plan, tmp_path) -> None:
+    import pty
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tasks.cli", "run", str(write(tmp_path, load_plan("typical_2x2")))],
+        env={**client_env, "TERM": "xterm-256color", "COLUMNS": "120"},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        text=True,
+    )
+    os.close(terminal)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not chunk:
+            break
+        screen += chunk
+    stdout, _ = process.communicate(timeout=60)
+    os.close(controller)
+    assert process.returncode == 0
+    assert json.loads(stdout)["status"] == "success"
+    text = screen.decode("utf-8", "replace")
+    assert "━" in text  # rich's bar
+    assert "4/4" in text and "retries 0" in text and "$0.02" in text
+    assert "done scene city_street" in text  # lines still scroll above the bar

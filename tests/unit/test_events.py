@@ -100,3 +100,35 @@ def test_publisher_survives_a_broken_connection() -> None:
     server.connected = False
     client = fakeredis.FakeRedis(server=server, decode_responses=True)
     EventPublisher(client).publish("job-1", StageStarted())  # logged, not raised
+
+
+def test_stream_order_is_the_live_order_under_concurrency(redis_client) -> None:
+    """Publish and append are one atomic step: 8 threads publishing at once cannot make the
+    replayed order differ from what a subscriber saw live."""
+    import threading
+
+    job = "job-concurrent"
+    redis_client.delete(c.events_stream(job))
+    listener = redis_client.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(c.events_channel(job))
+    listener.get_message(timeout=0.2)
+    publisher = EventPublisher(redis_client)
+
+    def burst(n: int) -> None:
+        for i in range(50):
+            publisher.publish(
+                job,
+                ImageFailed(image_type="scene", image_id=f"t{n}-{i}", retry_count=0, reason="r"),
+            )
+
+    threads = [threading.Thread(target=burst, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    live = []
+    while (message := listener.get_message(timeout=0.5)) is not None:
+        live.append(message["data"])
+    replayed = [fields["message"] for _, fields in redis_client.xrange(c.events_stream(job))]
+    assert len(live) == 400
+    assert replayed == live

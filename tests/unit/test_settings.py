@@ -58,7 +58,7 @@ def test_explicit_replicate_without_token_is_an_error(monkeypatch: pytest.Monkey
         Settings()
 
 
-@pytest.mark.parametrize("placeholder", ["changeme", "your-token-here", "<token>", "xxx", " "])
+@pytest.mark.parametrize("placeholder", ["changeme", "your-token-here", "<token>", "xxx", "  "])
 def test_placeholder_secrets_are_refused(monkeypatch: pytest.MonkeyPatch, placeholder: str) -> None:
     monkeypatch.setenv("REPLICATE_API_TOKEN", placeholder)
     with pytest.raises(ValidationError, match="placeholder"):
@@ -81,3 +81,12 @@ def test_environment_selects_model_and_steps(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("REFERENCE_MODEL_DEV", "owner/dev:abc")
     assert Settings().model_version == "owner/dev:abc"
     assert Settings().inference_steps == 25
+
+
+def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compose passes ``REPLICATE_API_TOKEN=`` through when the host has none."""
+    monkeypatch.setenv("REPLICATE_API_TOKEN", "")
+    monkeypatch.setenv("SUPABASE_SERVICE_KEY", "")
+    settings = Settings()
+    assert settings.replicate_api_token is None
+    assert settings.resolved_generator_backend() == "local"

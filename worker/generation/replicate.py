@@ -113,6 +113,7 @@ class ReplicateImageGenerator:
         retry_after: Callable[[], float | None] = lambda: None,
         gate: RateGate | None = None,
         poll_interval_s: float = _POLL_INTERVAL_S,
+        on_rate_limited: Callable[[], None] = lambda: None,
     ) -> None:
         self._client = client
         self._version = model_version
@@ -124,6 +125,7 @@ class ReplicateImageGenerator:
         self._retry_after = retry_after
         self._gate = gate or _NoGate()
         self._poll_interval_s = poll_interval_s
+        self._on_rate_limited = on_rate_limited
 
     @classmethod
     def from_settings(
@@ -133,6 +135,7 @@ class ReplicateImageGenerator:
         gate: RateGate | None = None,
         *,
         http_timeout_s: float = 30.0,
+        on_rate_limited: Callable[[], None] = lambda: None,
     ) -> ReplicateImageGenerator:
         assert settings.replicate_api_token is not None
         hook = _RetryAfterHook()
@@ -151,6 +154,7 @@ class ReplicateImageGenerator:
             price_per_second=settings.hardware_price_per_second,
             retry_after=hook.take,
             gate=gate,
+            on_rate_limited=on_rate_limited,
         )
 
     def model_input(self, request: GenerationRequest) -> dict[str, Any]:
@@ -283,6 +287,7 @@ class ReplicateImageGenerator:
     def _classify(self, exc: ReplicateError) -> RefgenError:
         status = exc.status or 0
         if status == 429:
+            self._on_rate_limited()
             retry_after = self._retry_after()
             self._gate.back_off(retry_after or c.GENERATION_RETRY_DELAY_S)
             return RateLimitedError("Rate limited by Replicate", retry_after_s=retry_after)

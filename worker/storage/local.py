@@ -21,9 +21,12 @@ _KEY_FILE = ".signing-key"
 
 
 class LocalImageStore:
-    def __init__(self, root: Path, bucket: str = c.DEFAULT_BUCKET) -> None:
+    def __init__(
+        self, root: Path, bucket: str = c.DEFAULT_BUCKET, public_url: str | None = None
+    ) -> None:
         self._root = root.resolve()
         self._bucket_dir = self._root / bucket
+        self._public_url = public_url.rstrip("/") if public_url else None
         self._key: bytes | None = None
 
     @property
@@ -63,6 +66,8 @@ class LocalImageStore:
     def signed_url(self, path: str, expires_in_s: int = c.SIGNED_URL_TTL_S) -> str:
         expires = int(time.time()) + expires_in_s
         query = urlencode({"expires": expires, "signature": self.sign(path, expires)})
+        if self._public_url:
+            return f"{self._public_url}/files/{quote(path)}?{query}"
         return f"{self._file(path).as_uri()}?{query}"
 
     def sign(self, path: str, expires: int) -> str:

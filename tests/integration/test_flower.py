@@ -1,0 +1,243 @@
+"""Flower watching a real worker: what docker-compose.yml's flower service promises.
+
+Flower learns workers and tasks from the worker's events (``worker_send_task_events``; the
+task-sent event is off, so a task first appears when a worker receives it). Flower 2.2's HTTP
+API answers only with authentication configured, or with ``FLOWER_UNAUTHENTICATED_API=true``,
+which these tests set on a Flower bound to 127.0.0.1 and which compose never sets. The other
+test holds Flower to its auth as compose configures it: basic auth from ``FLOWER_BASIC_AUTH``,
+closed to everyone when that is empty, and ``/healthcheck`` open for the container healthcheck.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.harness import JobRunner, WorkerProcess, base_worker_env
+from tasks.localredis import RedisServer, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+ROOT = Path(__file__).resolve().parents[2]
+
+START = "reference_generator.start"
+GENERATE = "reference_generator.generate_reference"
+FINALIZE = "reference_generator.finalize"
+
+
+class Flower:
+    """``celery -A tasks.app flower`` on a free loopback port, in its own process group."""
+
+    def __init__(self, redis_url: str, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "tasks.app",
+                    "--broker",
+                    redis_url,
+                    "flower",
+                    # Tornado's options: --name=value only ("--port 5555" is refused).
+                    f"--port={self.port}",
+                    "--address=127.0.0.1",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self, timeout_s: float = 30) -> Flower:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if self.get("/healthcheck") == (200, b"OK"):
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"flower not ready: {self.log_path.read_text()[-3000:]}")
+
+    def get(self, path: str, auth: str | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.url + path)
+        if auth is not None:
+            token = base64.b64encode(auth.encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def api(self, path: str) -> Any:
+        status, body = self.get(path)
+        assert status == 200, (path, status, body[:500])
+        return json.loads(body)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture
+def broker() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def env(broker: RedisServer, tmp_path: Path) -> dict[str, str]:
+    environment = {
+        k: v
+        for k, v in base_worker_env(broker.url, tmp_path / "storage").items()
+        if not k.startswith("FLOWER_")
+    }
+    environment.update(
+        GENERATOR_BACKEND="local", STORAGE_BACKEND="local", LOCAL_GENERATOR_LATENCY_S="0.2"
+    )
+    return environment
+
+
+@pytest.fixture
+def start_flower(
+    broker: RedisServer, env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., Flower]]:
+    started: list[Flower] = []
+
+    def start(**flower_env: str) -> Flower:
+        flower = Flower(broker.url, {**env, **flower_env}, tmp_path / f"flower{len(started)}.log")
+        started.append(flower)
+        return flower.wait_ready()
+
+    yield start
+    for flower in started:
+        flower.stop()
+
+
+@pytest.fixture
+def runner(broker: RedisServer) -> JobRunner:
+    return JobRunner(broker.url)
+
+
+@pytest.fixture
+def worker(env: dict[str, str], runner: JobRunner, tmp_path: Path) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(env, tmp_path / "worker.log", "flower-watched")
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def poll(check: Callable[[], Any], timeout_s: float = 30, what: str = "") -> Any:
+    """check() until it returns something truthy; its last answer goes into the failure."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.5)
+    pytest.fail(f"{what} not seen in Flower within {timeout_s} s; last: {last!r}")
+
+
+def test_flower_shows_the_worker_and_every_task_of_a_job(
+    start_flower, worker: WorkerProcess, runner: JobRunner, load_plan
+) -> None:
+    flower = start_flower(FLOWER_UNAUTHENTICATED_API="true")
+    worker.start(runner.client)
+    plan = load_plan("typical_2x2")
+    job_id = plan["job_id"]
+    run = runner(plan, timeout_s=60)
+    assert run.result["status"] == "success"
+
+    # The worker, by its hostname: inspected (refresh=1) and alive by its heartbeats (status=1).
+    workers = poll(
+        lambda: (found := flower.api("/api/workers?refresh=1")).get(worker.hostname) and found,
+        what=f"worker {worker.hostname}",
+    )
+    assert set(workers) == {worker.hostname}
+    info = workers[worker.hostname]
+    assert {START, GENERATE, FINALIZE} <= set(info["registered"])
+    assert {q["name"] for q in info["active_queues"]} >= {"reference_generator"}
+    alive = poll(
+        lambda: flower.api("/api/workers?status=1").get(worker.hostname),
+        what="the worker alive",
+    )
+    assert alive is True
+
+    # The job's tasks, each succeeded on that worker.
+    expected = Counter({START: 1, GENERATE: 4, FINALIZE: 1})
+
+    def job_tasks() -> dict[str, dict[str, Any]] | None:
+        tasks = flower.api("/api/tasks")
+        done = Counter(t["name"] for t in tasks.values() if t["state"] == "SUCCESS")
+        return tasks if done == expected else None
+
+    tasks = poll(job_tasks, what="the job's six tasks in SUCCESS")
+    assert len(tasks) == 6
+    assert all(t["worker"] == worker.hostname for t in tasks.values())
+    by_name: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for task_id, task in tasks.items():
+        assert task["uuid"] == task_id
+        assert task["received"] and task["succeeded"] and task["runtime"] is not None
+        by_name.setdefault(task["name"], []).append((task_id, task))
+    # Ids tie them to the job: header tasks are "{job}:{image}", the callback is the job id.
+    assert [task_id for task_id, _ in by_name[FINALIZE]] == [job_id]
+    assert all(task_id.startswith(f"{job_id}:") for task_id, _ in by_name[GENERATE])
+    assert job_id in by_name[START][0][1]["kwargs"]
+
+    # Filters work as the UI uses them.
+    assert set(flower.api(f"/api/tasks?taskname={GENERATE}")) == {t for t, _ in by_name[GENERATE]}
+    assert set(flower.api("/api/task/types")["task-types"]) == {START, GENERATE, FINALIZE}
+
+
+@pytest.mark.parametrize(
+    ("flower_env", "credentials", "api_status"),
+    [
+        pytest.param({"FLOWER_BASIC_AUTH": "ops:test-only-pw"}, None, 401, id="basic-no-creds"),
+        pytest.param({"FLOWER_BASIC_AUTH": "ops:test-only-pw"}, "ops:wrong", 401, id="basic-bad"),
+        pytest.param(
+            {"FLOWER_BASIC_AUTH": "ops:test-only-pw"}, "ops:test-only-pw", 200, id="basic-good"
+        ),
+        # compose's ${FLOWER_BASIC_AUTH:-} with nothing set on the host: closed to everyone.
+        pytest.param({"FLOWER_BASIC_AUTH": ""}, ":", 401, id="empty-fails-closed"),
+        # No auth at all and no FLOWER_UNAUTHENTICATED_API: the API refuses.
+        pytest.param({}, None, 401, id="no-auth-api-closed"),
+    ],
+)
+def test_flower_auth_is_what_compose_relies_on(
+    start_flower, flower_env: dict[str, str], credentials: str | None, api_status: int
+) -> None:
+    flower = start_flower(FLOWER_UNAUTHENTICATED_API="false", **flower_env)
+    status, body = flower.get("/api/workers", auth=credentials)
+    assert status == api_status, body[:300]
+    if flower_env.get("FLOWER_BASIC_AUTH") is not None:
+        assert flower.get("/", auth=credentials)[0] == api_status
+    # The compose healthcheck needs no credentials, whatever the auth.
+    assert flower.get("/healthcheck") == (200, b"OK")
