@@ -30,9 +30,10 @@ def request(
 
 
 def test_render_is_a_deterministic_1024_png() -> None:
-    first = render_png("a street", ["#112233", "#AABBCC"])
-    assert first == render_png("a street", ["#112233", "#AABBCC"])
-    assert first != render_png("a rooftop", ["#112233", "#AABBCC"])
+    palette = ("#112233", "#AABBCC")
+    first = render_png("a street", palette)
+    assert first == render_png.__wrapped__("a street", palette)  # drawn again, not cached
+    assert first != render_png("a rooftop", palette)
     image = Image.open(io.BytesIO(first))
     assert (image.format, image.size) == ("PNG", (1024, 1024))
     assert image.getpixel((0, 0))[:3] != image.getpixel((0, 1023))[:3]  # palette gradient
