@@ -6,6 +6,7 @@ from typing import Any
 
 import structlog
 from celery import chord, states
+from pydantic import ValidationError
 
 from tasks.app import app, services
 from tasks.recovery import hold_for_retry
@@ -72,8 +73,14 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name=c.TASK_FINALIZE, bind=True)
-def finalize(self: Any, results: list[dict[str, Any]], job_id: str) -> dict[str, Any] | None:
-    outcomes = [ImageOutcome.model_validate(r) for r in results if isinstance(r, dict)]
+def finalize(self: Any, results: list[Any], job_id: str) -> dict[str, Any] | None:
+    outcomes = []
+    for result in results:
+        try:
+            outcomes.append(ImageOutcome.model_validate(result))
+        except ValidationError:
+            # Counted as missing (a failure), never a reason not to finish the job.
+            log.error("finalize_unreadable_result", job_id=job_id, result=repr(result)[:200])
     return JobFinalizer(services()).finalize(job_id, outcomes)
 
 

@@ -74,26 +74,22 @@ class Gateway:
 
     async def _stream(self, job_id: str, last_id: str | None) -> AsyncIterator[ServerSentEvent]:
         stream = c.events_stream(job_id)
-        # History first: everything after the client's last id (exclusive), or everything.
-        history: Any = await self._redis.xrange(stream, min=f"({last_id}" if last_id else "-")
         cursor = last_id or "0-0"
-        for entry_id, fields in _entries(history):
-            cursor = entry_id
-            event, final = _to_sse(entry_id, fields)
-            yield event
-            if final:
-                return
+        # History first: everything after the client's last id (exclusive), or everything;
+        # then whatever comes next, until the final stage_update.
+        history: Any = await self._redis.xrange(stream, min=f"({last_id}" if last_id else "-")
+        entries = _entries(history)
         while True:
+            for entry_id, fields in entries:
+                cursor = entry_id
+                event, final = _to_sse(entry_id, fields)
+                yield event
+                if final:
+                    return
             batch: Any = await self._redis.xread(
                 {stream: cursor}, count=_READ_BATCH, block=_BLOCK_MS
             )
-            for _, entries in batch or []:
-                for entry_id, fields in _entries(entries):
-                    cursor = entry_id
-                    event, final = _to_sse(entry_id, fields)
-                    yield event
-                    if final:
-                        return
+            entries = [entry for _, found in batch or [] for entry in _entries(found)]
 
     async def page(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
