@@ -125,7 +125,8 @@ def test_unknown_job_is_404(stack) -> None:
 
 def test_live_subscriber_gets_every_event_and_the_stream_ends(stack, load_plan) -> None:
     url, runner = stack
-    plan = load_plan("minimal_1x1")
+    # Its rooftop fails and is retried 2 s later: about 5 s of job, several keep-alive periods.
+    plan = load_plan("typical_2x2")
     thread, box = in_background(runner, plan)  # pub/sub, as the existing gateway sees it
     wait_known(url, plan["job_id"])
     sse = Sse()
@@ -136,6 +137,7 @@ def test_live_subscriber_gets_every_event_and_the_stream_ends(stack, load_plan) 
     assert sse.ended  # closed by the server after the final stage_update
     assert sse.messages[-1]["event_type"] == "stage_update"
     assert sse.messages[-1]["data"]["status"] == "completed"
+    assert sse.messages[-1]["data"]["result_status"] == "partial"
     pubsub = [(t, d) for t, d in box[0].events]
     assert [(m["event_type"], m["data"]) for m in sse.messages] == pubsub
     assert sse.comments >= 1  # keep-alive comments while the images were generating
