@@ -13,6 +13,8 @@ from worker.settings import get_settings
 _settings = get_settings()
 
 broker_url = _settings.redis_url
+# kombu's Redis transport, with a worker that survives Redis going away (tasks/transport.py).
+broker_transport = "tasks.transport:Transport"
 result_backend = _settings.redis_url
 
 # JSON only: a broker that accepts pickle runs code for anyone who can write to it.

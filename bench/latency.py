@@ -19,8 +19,9 @@ from pathlib import Path
 from bench.common import cluster, figure, load_plan, table
 from worker.generation import GenerationRequest
 from worker.generation.local import LocalImageGenerator
+from worker.jobs import Recorded
 from worker.lifecycle import JobFinalizer, JobIntake, Launch
-from worker.models import ImageOutcome, ImageSpec
+from worker.models import ImageSpec
 from worker.pipeline import ImagePipeline, RetryIn, generation_request
 from worker.planning import plan_job
 from worker.services import Services
@@ -65,12 +66,12 @@ async def in_process(services: Services) -> float:
     assert isinstance(admission, Launch)
     pipeline = ImagePipeline(services)
 
-    async def one(spec: ImageSpec) -> ImageOutcome | RetryIn:
+    async def one(spec: ImageSpec) -> Recorded | RetryIn:
         async with limit:
             return await asyncio.to_thread(pipeline.run, spec, 0)
 
     outcomes = await asyncio.gather(*(one(spec) for spec in admission.plan.images))
-    made = [o for o in outcomes if isinstance(o, ImageOutcome)]
+    made = [o.outcome for o in outcomes if isinstance(o, Recorded)]
     result = JobFinalizer(services).finalize(str(plan["job_id"]), made)
     assert result is not None and result["status"] == "success"
     return time.perf_counter() - started

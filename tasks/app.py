@@ -13,7 +13,6 @@ from celery.signals import after_setup_logger, worker_init, worker_process_init
 
 from worker.errors import RefgenError
 from worker.logging import configure_logging
-from worker.retry import storage_call
 from worker.services import Services
 from worker.settings import get_settings
 
@@ -41,10 +40,10 @@ def services() -> Services:
 
 def _prepare(built: Services) -> None:
     try:
-        storage_call(built.store.ensure_bucket)
+        built.store_readiness.check()
     except RefgenError as exc:
-        # Not fatal: the store may come back; each upload then says what is wrong.
-        log.error("bucket_check_failed", reason=exc.reason)
+        # Not fatal: the store is checked again before each paid call until it answers.
+        log.warning("bucket_check_failed", reason=exc.reason, checked_again="before each image")
 
 
 @worker_process_init.connect

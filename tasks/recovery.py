@@ -1,124 +1,151 @@
-"""Lost work, found in seconds: task leases, their heartbeat, and the watchdog.
-
-Each of our tasks holds a lease while it runs (``worker.leases``); a thread in every process
-that runs tasks renews them. The same thread is the watchdog: it resends the tasks of expired
-leases (their worker died) and finalizes jobs past their deadline. See README, Reliability.
+"""Celery's side of ``worker.recovery`` (read that module for the life of a delivery): a lease
+taken and released around each delivery of our tasks, the heartbeat and the watchdog started in
+every process that runs tasks, and what the watchdog does with a lost task (send it again) or
+an overdue job (finalize it and store its result under the job id).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
+from collections.abc import Iterator
 from typing import Any
 
+import redis
 import structlog
 from celery import Task, states
+from celery.exceptions import Ignore
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready
 
 from tasks.app import app, services
 from worker import constants as c
-from worker.errors import RefgenError
-from worker.lifecycle import JobFinalizer
+from worker.crashpoints import fail_point
+from worker.errors import DeliveryAbandoned
+from worker.lifecycle import Cause, JobFinalizer
+from worker.recovery import Heartbeat, Ticker, Watchdog
 
 log = structlog.get_logger(__name__)
 
 _OUR_TASKS = frozenset({c.TASK_START, c.TASK_GENERATE, c.TASK_FINALIZE})
-_held: set[str] = set()  # leases this process renews
-_kept_for_retry: set[str] = set()  # leases handed to a retry message: not released at postrun
 _lock = threading.Lock()
-_watchdog: threading.Thread | None = None
-_stop = threading.Event()
-
-
-def hold_for_retry(task_id: str, retry_signature: dict[str, Any], delay_s: float) -> None:
-    """Keep a retried task covered while its message waits out its countdown."""
-    services().leases.hold(task_id, dict(retry_signature), extra_s=delay_s)
-    with _lock:
-        _held.discard(task_id)
-        _kept_for_retry.add(task_id)
+_tickers: list[Ticker] = []
+_tickers_pid: int | None = None
 
 
 @worker_ready.connect
 def _watch_from_the_start(**_: Any) -> None:
     # A fresh worker with nothing to do is exactly the one that must find a dead one's work.
     if services().settings.reference_gen_pool != "prefork":
-        start_watchdog()
+        start_threads()
 
 
 @worker_process_init.connect
 def _watch_in_pool_process(**_: Any) -> None:
-    start_watchdog()  # prefork: leases are held, and renewed, where tasks run
+    start_threads()  # prefork: leases are held, and renewed, where tasks run
+
+
+def start_threads() -> None:
+    """The heartbeat and the watchdog of this process, each on a thread of its own."""
+    global _tickers_pid
+    with _lock:
+        if _tickers_pid == os.getpid():
+            return
+        _tickers.clear()
+        s = services()
+        heartbeat = Heartbeat(s.leases, s.holdings)
+        watchdog = Watchdog(
+            s.leases,
+            s.deadlines,
+            resend=resend,
+            finalize_overdue=finalize_overdue,
+            claimer=f"{socket.gethostname()}:{os.getpid()}",
+            # A re-sent task may wait this long in the queue before it counts as lost again.
+            queued_grace_s=max(300.0, 10 * s.leases.ttl_s),
+        )
+        _tickers.extend(
+            [
+                Ticker("refgen_heartbeat", heartbeat.beat, heartbeat.interval_s),
+                Ticker("refgen_watchdog", watchdog.patrol, watchdog.interval_s),
+            ]
+        )
+        for ticker in _tickers:
+            ticker.start()
+        _tickers_pid = os.getpid()
+
+
+def stop_threads() -> None:
+    for ticker in _tickers:
+        ticker.stop()
+
+
+def resend(payload: dict[str, Any]) -> None:
+    """Send a lost task again, under its own task id."""
+    fail_point("watchdog.resend")
+    app.signature(payload).apply_async()
+
+
+def finalize_and_store(job_id: str, cause: Cause) -> Any:
+    """Finalize a job outside its chord and store its result under the job id, as the chord's
+    finalize would. The deadline goes only once the result is stored."""
+    result = JobFinalizer(services()).finalize(job_id, cause=cause)
+    app.backend.store_result(job_id, result, states.SUCCESS)
+    services().deadlines.done(job_id)
+    return result
+
+
+def finalize_overdue(job_id: str) -> None:
+    try:
+        finalize_and_store(job_id, "deadline")
+    except Exception as exc:
+        # The claimed deadline comes due again: the next patrol tries again.
+        log.error("deadline_finalize_failed", job_id=job_id, error=type(exc).__name__)
+        return
+    log.warning("job_finalized_by_deadline", job_id=job_id)
+
+
+def hand_to_retry(task_id: str, retry: dict[str, Any], delay_s: float) -> None:
+    """Before the retry message is sent, the lease is handed to it: it covers the countdown,
+    and if the retry is lost (never sent, or its worker dies during the countdown), the
+    watchdog sends it again once the lease expires."""
+    s = services()
+    s.holdings.drop_lease(task_id)
+    s.leases.take(task_id, retry, extra_s=delay_s)
+
+
+@contextlib.contextmanager
+def abandoned_as_ignored(task_id: str) -> Iterator[None]:
+    """A delivery that cannot finish ends without a result, keeping its lease: the lease
+    expires and the watchdog sends the task again. ``Ignore`` keeps Celery from counting a
+    failure in the chord."""
+    try:
+        yield
+    except (DeliveryAbandoned, redis.RedisError) as exc:
+        services().holdings.drop_lease(task_id)  # no longer renewed: it will expire
+        reason = exc.reason if isinstance(exc, DeliveryAbandoned) else type(exc).__name__
+        log.warning("delivery_abandoned", task_id=task_id, reason=reason)
+        raise Ignore() from None
 
 
 @task_prerun.connect
 def _take_lease(task_id: str, task: Task, **_: Any) -> None:
     if task.name not in _OUR_TASKS:
         return
-    start_watchdog()
-    services().leases.hold(task_id, dict(task.signature_from_request(task.request)))
-    with _lock:
-        _held.add(task_id)
-        _kept_for_retry.discard(task_id)
+    start_threads()
+    s = services()
+    payload = dict(task.signature_from_request(task.request))
+    s.holdings.hold_lease(task_id, s.leases.take(task_id, payload))
 
 
 @task_postrun.connect
-def _drop_lease(task_id: str, task: Task, state: str | None = None, **_: Any) -> None:
+def _release_lease(task_id: str, task: Task, state: str | None = None, **_: Any) -> None:
     if task.name not in _OUR_TASKS:
         return
-    with _lock:
-        _held.discard(task_id)
-        keep = task_id in _kept_for_retry or state == states.RETRY
-        _kept_for_retry.discard(task_id)
-    if not keep:
-        services().leases.release(task_id)
-
-
-def start_watchdog() -> None:
-    global _watchdog
-    with _lock:
-        if _watchdog is not None and _watchdog.is_alive():
-            return
-        _stop.clear()
-        _watchdog = threading.Thread(target=_run, name="refgen-watchdog", daemon=True)
-        _watchdog.start()
-
-
-def stop_watchdog() -> None:
-    _stop.set()
-
-
-def _run() -> None:
-    interval = max(1.0, services().settings.lease_ttl_s / 4)
-    while not _stop.wait(interval):
-        try:
-            tick()
-        except Exception:
-            # The watchdog must outlive a Redis restart or a bad payload.
-            log.exception("watchdog_tick_failed")
-
-
-def tick() -> None:
-    """One round: renew our leases, resend lost tasks, finalize overdue jobs."""
     s = services()
-    with _lock:
-        held = list(_held)
-    s.leases.renew(held)
-    s.locks.renew_held()
-    for task_id, payload in s.leases.claim_expired():
-        with contextlib.suppress(Exception):
-            signature = app.signature(payload)
-            signature.apply_async()
-            log.warning("lost_task_resent", task_id=task_id, task=payload.get("task"))
-    for job_id in s.deadlines.claim_due():
-        finalize_overdue(job_id)
-
-
-def finalize_overdue(job_id: str) -> None:
-    try:
-        result = JobFinalizer(services()).finalize(job_id, deadline=True)
-    except RefgenError as exc:
-        log.error("deadline_finalize_failed", job_id=job_id, reason=exc.reason)
-        return
-    # The result lives under the job id, as if the chord's finalize had run.
-    app.backend.store_result(job_id, result, states.SUCCESS)
-    log.warning("job_finalized_by_deadline", job_id=job_id)
+    token = s.holdings.drop_lease(task_id)
+    if token is not None:
+        # A no-op when a newer delivery, or this task's retry, holds the lease now.
+        s.leases.release(task_id, token)
+    if task.name == c.TASK_FINALIZE and state == states.SUCCESS:
+        s.deadlines.done(task_id)  # finalize's task id is the job id; its result is stored

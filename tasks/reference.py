@@ -5,15 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from celery import chord, states
+from celery import chord, group, states
 from pydantic import ValidationError
 
 from tasks.app import app, services
-from tasks.recovery import hold_for_retry
+from tasks.recovery import abandoned_as_ignored, finalize_and_store, hand_to_retry
 from worker import constants as c
+from worker.crashpoints import crash_point
 from worker.lifecycle import Duplicate, JobFinalizer, JobIntake, Launch
 from worker.models import ImageOutcome, ImageSpec
 from worker.pipeline import ImagePipeline, RetryIn
+from worker.planning import JobPlan
 
 log = structlog.get_logger(__name__)
 
@@ -30,26 +32,39 @@ def start(
 ) -> dict[str, Any]:
     if unexpected:
         log.warning("start_unexpected_kwargs", names=sorted(unexpected)[:10])
-    intake = JobIntake(services())
-    admission = intake.admit(job_id, plan, duration_seconds, task_id=self.request.id or "")
-    if isinstance(admission, Launch):
-        job = admission.plan
-        # Task ids derived from the job make a resent header task the same chord part.
-        header = [
-            generate_reference.s(spec.model_dump(mode="json")).set(
-                task_id=f"{job.job_id}:{spec.key}"
-            )
-            for spec in job.images
-        ]
-        chord(header)(finalize.s(job.job_id).set(task_id=job.job_id))
-        intake.launched(job.job_id)
-        return {"job_id": job.job_id, "status": "queued", "total_images": len(job.images)}
+    with abandoned_as_ignored(self.request.id):
+        intake = JobIntake(services())
+        admission = intake.admit(job_id, plan, duration_seconds, task_id=self.request.id or "")
+        if isinstance(admission, Launch):
+            job = admission.plan
+            if admission.fresh:
+                # A refused earlier send of this job id stored a null result: readers must
+                # wait for this run's.
+                self.backend.forget(job.job_id)
+            launch(job)
+            crash_point("start.after_chord_sent")
+            intake.launched(job.job_id)
+            return {"job_id": job.job_id, "status": "queued", "total_images": len(job.images)}
     if isinstance(admission, Duplicate):
         return {"job_id": job_id, "status": "duplicate", "claimed_by": admission.claimed_by}
     if admission.job_id is not None:
         # The text-only answer, readable by job id like any other result.
         self.backend.store_result(admission.job_id, None, states.SUCCESS)
     return {"job_id": admission.job_id, "status": "refused", "reason": admission.reason}
+
+
+def launch(job: JobPlan) -> None:
+    """Send the job's chord. Every id in it derives from the job, so a redelivered ``start``
+    that sends it again makes the same chord: its parts count once, its callback runs once."""
+    header = group(
+        [
+            generate_reference.s(spec.model_dump(mode="json")).set(
+                task_id=f"{job.job_id}:{spec.key}"
+            )
+            for spec in job.images
+        ]
+    ).set(task_id=f"{job.job_id}:images")
+    chord(header)(finalize.s(job.job_id).set(task_id=job.job_id))
 
 
 @app.task(
@@ -62,18 +77,28 @@ def start(
 )
 def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
     image = ImageSpec.model_validate(spec)
-    step = ImagePipeline(services()).run(image, attempt=self.request.retries)
-    if isinstance(step, RetryIn):
-        retry = self.retry(
-            countdown=step.delay_s, max_retries=c.GENERATION_MAX_ATTEMPTS - 1, throw=False
-        )
-        hold_for_retry(self.request.id, retry.sig, step.delay_s)
-        raise retry
-    return step.model_dump(mode="json")
+    with abandoned_as_ignored(self.request.id):
+        step = ImagePipeline(services()).run(image, attempt=self.request.retries)
+        if isinstance(step, RetryIn):
+            retry = self.signature_from_request(self.request, retries=self.request.retries + 1)
+            hand_to_retry(self.request.id, dict(retry), step.delay_s)
+            crash_point("image.after_retry_handover")
+            sent = self.retry(
+                countdown=step.delay_s, max_retries=c.GENERATION_MAX_ATTEMPTS - 1, throw=False
+            )
+            crash_point("image.after_retry_sent")
+            raise sent
+    if step.doomed_now is not None:
+        try:
+            finalize_and_store(image.job_id, "doomed")
+        except Exception as exc:
+            # The chord's finalize still ends the job; this only ends it sooner.
+            log.error("doomed_finalize_failed", job_id=image.job_id, error=type(exc).__name__)
+    return step.outcome.model_dump(mode="json")
 
 
 @app.task(name=c.TASK_FINALIZE, bind=True)
-def finalize(self: Any, results: list[Any], job_id: str) -> dict[str, Any] | None:
+def finalize(self: Any, results: list[Any], job_id: str) -> Any:
     outcomes = []
     for result in results:
         try:
@@ -81,7 +106,8 @@ def finalize(self: Any, results: list[Any], job_id: str) -> dict[str, Any] | Non
         except ValidationError:
             # Counted as missing (a failure), never a reason not to finish the job.
             log.error("finalize_unreadable_result", job_id=job_id, result=repr(result)[:200])
-    return JobFinalizer(services()).finalize(job_id, outcomes)
+    with abandoned_as_ignored(self.request.id):
+        return JobFinalizer(services()).finalize(job_id, outcomes)
 
 
 @app.task(name=c.TASK_PURGE, ignore_result=True)

@@ -1,12 +1,14 @@
 """Per-job cost ledger in Redis (SPEC §6).
 
-Amounts are integer nano-dollars. Reservation and charge are Lua scripts, so that two workers
-racing for the last dollars of a budget cannot both win, and so that an image is charged once
-however often its task runs: the charge is keyed by the image.
+Amounts are integer nano-dollars. Reservation and charge are Lua scripts (``worker/lua/``), so
+that two workers racing for the last dollars of a budget cannot both win, and so that what a
+provider billed is recorded once however often its task runs: each charge is keyed by the image
+and the provider's reference for the paid call (a prediction id).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 
@@ -15,51 +17,7 @@ import redis
 from worker import constants as c
 from worker.errors import BudgetExceededError
 from worker.models import money
-
-_RESERVE = """
-local ledger, reservations, charges = KEYS[1], KEYS[2], KEYS[3]
-local image, amount, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-if redis.call('HEXISTS', charges, image) == 1 or redis.call('HEXISTS', reservations, image) == 1
-then
-  return {1, 0, 0}
-end
-local spent = tonumber(redis.call('HGET', ledger, 'spent') or '0')
-local reserved = tonumber(redis.call('HGET', ledger, 'reserved') or '0')
-local limit = redis.call('HGET', ledger, 'limit')
-if limit and spent + reserved + amount > tonumber(limit) then
-  return {0, spent, reserved}
-end
-redis.call('HSET', reservations, image, amount)
-redis.call('HINCRBY', ledger, 'reserved', amount)
-for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ttl) end
-return {1, spent, reserved + amount}
-"""
-
-_CHARGE = """
-local ledger, reservations, charges = KEYS[1], KEYS[2], KEYS[3]
-local image, cost, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local existing = redis.call('HGET', charges, image)
-if existing then return tonumber(existing) end
-redis.call('HSET', charges, image, cost)
-redis.call('HINCRBY', ledger, 'spent', cost)
-local held = redis.call('HGET', reservations, image)
-if held then
-  redis.call('HDEL', reservations, image)
-  redis.call('HINCRBY', ledger, 'reserved', -tonumber(held))
-end
-for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ttl) end
-return cost
-"""
-
-_RELEASE = """
-local ledger, reservations = KEYS[1], KEYS[2]
-local held = redis.call('HGET', reservations, ARGV[1])
-if held then
-  redis.call('HDEL', reservations, ARGV[1])
-  redis.call('HINCRBY', ledger, 'reserved', -tonumber(held))
-end
-return 0
-"""
+from worker.scripts import register
 
 
 def to_nano(amount: Decimal) -> int:
@@ -84,22 +42,25 @@ class CostLedger:
     def __init__(self, client: redis.Redis, ttl_s: int = c.JOB_STATE_TTL_S) -> None:
         self._redis = client
         self._ttl = ttl_s
-        self._reserve = client.register_script(_RESERVE)
-        self._charge = client.register_script(_CHARGE)
-        self._release = client.register_script(_RELEASE)
+        self._reserve = register(client, "ledger_reserve")
+        self._charge = register(client, "ledger_charge")
+        self._release = register(client, "ledger_release")
 
     def _keys(self, job_id: str) -> list[str]:
         keys = c.JobKeys(job_id)
         return [keys.ledger, keys.reservations, keys.charges]
 
     def open(self, job_id: str, limit: Decimal | None) -> None:
-        """Set the job's limit once; a redelivered ``start`` keeps the first one."""
+        """Set the job's limit. A job refused for its budget can be sent again, corrected,
+        under the same id: the limit is the latest admitted start's."""
         ledger = c.JobKeys(job_id).ledger
         pipe = self._redis.pipeline()
         pipe.hsetnx(ledger, "spent", 0)
         pipe.hsetnx(ledger, "reserved", 0)
         if limit is not None:
-            pipe.hsetnx(ledger, "limit", to_nano(limit))
+            pipe.hset(ledger, "limit", to_nano(limit))
+        else:
+            pipe.hdel(ledger, "limit")
         pipe.expire(ledger, self._ttl)
         pipe.execute()
 
@@ -127,7 +88,7 @@ class CostLedger:
     def reserve(self, job_id: str, image_key: str, amount: Decimal) -> None:
         """Hold ``amount`` for one image before its paid call. Idempotent per image."""
         ok, spent, reserved = self._reserve(
-            keys=self._keys(job_id), args=[image_key, to_nano(amount), self._ttl]
+            keys=self._keys(job_id)[:2], args=[image_key, to_nano(amount), self._ttl]
         )
         if not ok:
             totals = self.totals(job_id)
@@ -140,15 +101,19 @@ class CostLedger:
                 requested=money(amount),
             )
 
-    def charge(self, job_id: str, image_key: str, cost: Decimal) -> Decimal:
-        """Record an image's real cost, once. Returns the cost on record for the image."""
-        recorded = self._charge(keys=self._keys(job_id), args=[image_key, to_nano(cost), self._ttl])
-        return from_nano(int(recorded))
+    def charge(self, job_id: str, image_key: str, ref: str, cost: Decimal) -> Decimal:
+        """Record what one paid call of an image cost, once per ``ref``; drops the image's
+        reservation. Returns the image's cost on record, all its paid calls together."""
+        self._charge(keys=self._keys(job_id), args=[image_key, ref, to_nano(cost), self._ttl])
+        return self.image_costs(job_id).get(image_key, Decimal(0))
 
     def release(self, job_id: str, image_key: str) -> None:
         """Drop an image's reservation when its paid call did not happen."""
         self._release(keys=self._keys(job_id)[:2], args=[image_key])
 
-    def charges(self, job_id: str) -> dict[str, Decimal]:
-        raw = self._redis.hgetall(c.JobKeys(job_id).charges)
-        return {str(k): from_nano(int(v)) for k, v in raw.items()}
+    def image_costs(self, job_id: str) -> dict[str, Decimal]:
+        """Each image's cost: the sum of what its paid calls were charged."""
+        nano: dict[str, int] = defaultdict(int)
+        for field, value in self._redis.hgetall(c.JobKeys(job_id).charges).items():
+            nano[str(field).split("|", 1)[0]] += int(value)
+        return {image: from_nano(amount) for image, amount in nano.items()}

@@ -78,6 +78,14 @@ EVENTS_STREAM_MAXLEN: Final = 2000
 EVENTS_STREAM_TTL_S: Final = 24 * 3600
 
 
+# Cluster-wide keys (README: Reliability, Scaling).
+LEASES: Final = "refgen:leases"  # sorted set: task id → lease expiry (server clock)
+LEASE_RECORDS: Final = "refgen:lease-records"  # hash: task id → "<token> <message JSON>"
+DEADLINES: Final = "refgen:deadlines"  # sorted set: job id → due time (server clock)
+RETENTION_INDEX: Final = "refgen:retention"  # sorted set: job id → when its objects go
+METRICS: Final = "refgen:metrics"  # hash: the cluster's job counters
+
+
 class JobKeys:
     """Redis keys of one job. The ``{job_id}`` hash tag keeps them in one cluster slot,
     which the ledger's Lua scripts need."""
@@ -91,12 +99,10 @@ class JobKeys:
         self.reservations = f"{prefix}:reservations"
         self.charges = f"{prefix}:charges"
         self.images = f"{prefix}:images"
-        self.finished = f"{prefix}:finished"
-        self.finalized = f"{prefix}:finalized"
+        self.counts = f"{prefix}:counts"
         self.result = f"{prefix}:result"
         self.predictions = f"{prefix}:predictions"
         self.made = f"{prefix}:made"
-        self.succeeded = f"{prefix}:succeeded"
 
     def image_lock(self, image_key: str) -> str:
         return f"refgen:job:{{{self.job_id}}}:lock:{image_key}"
@@ -109,12 +115,10 @@ class JobKeys:
             self.reservations,
             self.charges,
             self.images,
-            self.finished,
-            self.finalized,
+            self.counts,
             self.result,
             self.predictions,
             self.made,
-            self.succeeded,
         ]
 
 

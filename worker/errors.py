@@ -7,11 +7,19 @@ person; it is what events carry, so it never holds a stack trace, a URL with a t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.generation import Bill
+
 
 class RefgenError(Exception):
     """Base of every error this worker raises on purpose."""
 
     reason: str
+    # What the provider billed for the attempt that failed (a failed or cancelled prediction
+    # still bills the time it ran): charged to the job like any other paid call.
+    billed: Bill | None = None
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -58,6 +66,25 @@ class BudgetExceededError(PermanentError):
         self.limit = limit
         self.spent = spent
         self.requested = requested
+
+
+class StoreRefusedError(PermanentError):
+    """The store refuses us for every image (its key refused, its bucket missing): paying for
+    another image that could not be kept would be waste, so the store is checked again before
+    the next paid call."""
+
+
+class BucketMissingError(StoreRefusedError):
+    """The bucket does not exist (never created, or deleted while workers run)."""
+
+
+class DeliveryAbandoned(Exception):
+    """This delivery cannot finish (Redis unreachable, or another delivery took over its image):
+    it stops without a result and keeps its task's lease, which brings the task back."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class ConfigurationError(PermanentError):

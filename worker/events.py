@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from worker import constants as c
 from worker.models import ImageType, Money
+from worker.scripts import register
 
 log = structlog.get_logger(__name__)
 
@@ -113,30 +114,14 @@ def encode(event: _Payload) -> str:
     )
 
 
-# Every event leaves Redis through this Lua function: appended to the job's stream and
-# published on its channel in one atomic step, so the replayed order is the live order. Each
-# message carries one clock, the server's: ``published_at`` (unix seconds, microseconds) is
-# appended to the envelope as text, which keeps full precision (cjson would round it).
-ANNOUNCE_LUA = f"""
-local function announce(stream, channel, message)
-  local now = redis.call('TIME')
-  local stamped = string.sub(message, 1, -2) .. ',"published_at":' .. now[1] .. '.'
-    .. string.format('%06d', tonumber(now[2])) .. '}}'
-  redis.call('XADD', stream, 'MAXLEN', '~', {c.EVENTS_STREAM_MAXLEN}, '*', 'message', stamped)
-  redis.call('EXPIRE', stream, {c.EVENTS_STREAM_TTL_S})
-  redis.call('PUBLISH', channel, stamped)
-  return stamped
-end
-"""
-_PUBLISH = ANNOUNCE_LUA + "announce(KEYS[1], ARGV[1], ARGV[2])\nreturn 0\n"
-
-
 class EventPublisher:
-    """Publishes job events. Takes a ready-made Redis client, so tests can hand it a fake."""
+    """Publishes job events: each is appended to the job's stream and published on its channel
+    in one step (``announce`` in ``worker/lua/prelude.lua``), so the replayed order is the live
+    order. Takes a ready-made Redis client, so tests can hand it a fake."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
-        self._publish = client.register_script(_PUBLISH)
+        self._publish = register(client, "publish")
 
     def publish(self, job_id: str, event: _Payload) -> None:
         message = encode(event)

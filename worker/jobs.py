@@ -1,67 +1,34 @@
-"""Job bookkeeping in Redis: who claimed a job, what each image came to, the final result.
+"""Job bookkeeping in Redis: who claimed a job, its plan, what each image came to, the result.
 
-This is what makes tasks idempotent: an outcome stored for (job, image) is returned again
-instead of paying for the image twice, and a job is claimed and finalized once.
+This is what makes tasks idempotent: an outcome recorded for (job, image) is returned again
+instead of paying for the image twice; a job is claimed once and its result committed once.
+The steps that must not be torn apart by a crash are one Lua script each (``worker/lua/``).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import redis
 
 from worker import constants as c
-from worker.events import ANNOUNCE_LUA
 from worker.generation import PredictionRef
-from worker.models import ImageOutcome
+from worker.models import ImageOutcome, ImageSpec
+from worker.scripts import register
 
-_RECORD_AND_ANNOUNCE = (
-    ANNOUNCE_LUA
-    + """
-local images, succeeded_key, stream = KEYS[1], KEYS[2], KEYS[3]
-local image, outcome, ok, total, ttl, channel = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
-  tonumber(ARGV[5]), ARGV[6]
-if redis.call('HSETNX', images, image, outcome) == 0 then
-  return {0, redis.call('HGET', images, image)}
-end
-local finished = redis.call('HLEN', images)
-local succeeded = tonumber(redis.call('GET', succeeded_key) or '0')
-if ok == '1' then succeeded = redis.call('INCR', succeeded_key) end
-redis.call('EXPIRE', images, ttl)
-redis.call('EXPIRE', succeeded_key, ttl)
-for i = 7, #ARGV do
-  local event = cjson.decode(ARGV[i])
-  if event.data.completed_images ~= nil then event.data.completed_images = succeeded end
-  if event.data.progress ~= nil then
-    event.data.progress = math.min(100, math.floor(finished * 100 / total))
-  end
-  announce(stream, channel, cjson.encode(event))
-end
-return {1, outcome}
-"""
-)
-
-
-@dataclass(frozen=True)
-class PlannedImage:
-    image_type: str
-    image_id: str
-    prompt: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.image_type}_{self.image_id}"
+DoomReason = Literal["scenes", "characters", "half"]
 
 
 @dataclass(frozen=True)
 class JobMeta:
     total_images: int
     started_at: float
-    images: list[PlannedImage]
+    images: list[ImageSpec]
     launched: bool
+    doomed: DoomReason | None
 
 
 @dataclass(frozen=True)
@@ -73,11 +40,34 @@ class MadeImage:
     cost: str
 
 
+@dataclass(frozen=True)
+class Recorded:
+    outcome: ImageOutcome
+    is_new: bool
+    # Set on the one outcome that left the job unable to pass the partial-success rule.
+    doomed_now: DoomReason | None = None
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What a finalize commits once, with the final event, retention and metrics."""
+
+    result_json: str
+    final_event: str
+    keep_s: int
+    outcome: str
+    made: int
+    failed: int
+    cost_nano: int
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int = c.JOB_STATE_TTL_S) -> None:
         self._redis = client
         self._ttl = ttl_s
-        self._record = client.register_script(_RECORD_AND_ANNOUNCE)
+        self._begin = register(client, "begin_job")
+        self._record = register(client, "record_outcome")
+        self._commit = register(client, "commit_result")
 
     def claim(self, job_id: str, task_id: str) -> bool:
         """First ``start`` for a job id wins; a second enqueue of the same job is a no-op."""
@@ -89,17 +79,29 @@ class JobStore:
     def release_claim(self, job_id: str) -> None:
         self._redis.delete(c.JobKeys(job_id).claim)
 
-    def begin(self, job_id: str, images: list[PlannedImage]) -> bool:
-        """Record the job's images once. False when a previous delivery already did."""
+    def begin(
+        self, job_id: str, images: list[ImageSpec], *, deadline_s: float, started_event: str
+    ) -> bool:
+        """Record the job's plan, schedule its deadline and announce it started, once.
+        False when a previous delivery already did."""
         keys = c.JobKeys(job_id)
-        planned = json.dumps([asdict(i) for i in images])
-        pipe = self._redis.pipeline()
-        pipe.hsetnx(keys.meta, "started_at", time.time())
-        pipe.hsetnx(keys.meta, "total_images", len(images))
-        pipe.hsetnx(keys.meta, "images", planned)
-        pipe.expire(keys.meta, self._ttl)
-        first, *_ = pipe.execute()
-        return bool(first)
+        scenes = sum(1 for i in images if i.image_type == "scene")
+        planned = json.dumps([i.model_dump(mode="json") for i in images])
+        began = self._begin(
+            keys=[keys.meta, c.DEADLINES, c.events_stream(job_id)],
+            args=[
+                job_id,
+                len(images),
+                scenes,
+                len(images) - scenes,
+                planned,
+                self._ttl,
+                deadline_s,
+                c.events_channel(job_id),
+                started_event,
+            ],
+        )
+        return bool(began)
 
     def mark_launched(self, job_id: str) -> None:
         self._redis.hset(c.JobKeys(job_id).meta, "launched", "1")
@@ -108,12 +110,18 @@ class JobStore:
         raw = self._redis.hgetall(c.JobKeys(job_id).meta)
         if not raw or "total_images" not in raw:
             return None
+        doomed = raw.get("doomed")
         return JobMeta(
             total_images=int(raw["total_images"]),
             started_at=float(raw["started_at"]),
-            images=[PlannedImage(**i) for i in json.loads(raw.get("images", "[]"))],
+            images=[ImageSpec.model_validate(i) for i in json.loads(raw.get("images", "[]"))],
             launched=raw.get("launched") == "1",
+            doomed=doomed if doomed in ("scenes", "characters", "half") else None,  # type: ignore[arg-type]
         )
+
+    def doomed(self, job_id: str) -> DoomReason | None:
+        value = _text(self._redis.hget(c.JobKeys(job_id).meta, "doomed"))
+        return value if value in ("scenes", "characters", "half") else None  # type: ignore[return-value]
 
     def note_made(self, job_id: str, image_key: str, made: MadeImage) -> None:
         key = c.JobKeys(job_id).made
@@ -136,28 +144,31 @@ class JobStore:
         image_key: str,
         outcome: ImageOutcome,
         *,
-        total: int,
         announcements: Sequence[str] = (),
-    ) -> tuple[ImageOutcome, bool]:
+    ) -> Recorded:
         """Store an image's final outcome unless one is stored already, and announce it.
 
         One Lua script does both, so subscribers see counts in the order outcomes landed:
-        ``completed_images`` and ``progress`` in the encoded events are filled in here.
-        Returns the outcome on record and whether this call stored it."""
+        ``completed_images`` and ``progress`` in the encoded events are filled in there."""
         keys = c.JobKeys(job_id)
-        is_new, stored = self._record(
-            keys=[keys.images, keys.succeeded, c.events_stream(job_id)],
+        is_new, stored, doomed_now = self._record(
+            keys=[keys.images, keys.counts, keys.meta, c.events_stream(job_id)],
             args=[
                 image_key,
                 outcome.model_dump_json(),
                 "1" if outcome.ok else "0",
-                total,
+                outcome.image_type,
                 self._ttl,
                 c.events_channel(job_id),
                 *announcements,
             ],
         )
-        return ImageOutcome.model_validate_json(stored), bool(is_new)
+        doomed = str(doomed_now) if doomed_now not in (0, "0", None) else None
+        return Recorded(
+            ImageOutcome.model_validate_json(stored),
+            bool(is_new),
+            doomed if doomed in ("scenes", "characters", "half") else None,  # type: ignore[arg-type]
+        )
 
     def outcomes(self, job_id: str) -> dict[str, ImageOutcome]:
         raw = self._redis.hgetall(c.JobKeys(job_id).images)
@@ -177,15 +188,35 @@ class JobStore:
         pipe.expire(key, self._ttl)
         pipe.execute()
 
-    def mark_finalized(self, job_id: str) -> bool:
-        """True for the one caller that finalizes the job."""
-        return bool(self._redis.set(c.JobKeys(job_id).finalized, "1", nx=True, ex=self._ttl))
+    def committed_result(self, job_id: str) -> tuple[Any] | None:
+        """``(result,)`` once the job's result is committed (``result`` may be None: text-only),
+        else None."""
+        raw = _text(self._redis.get(c.JobKeys(job_id).result))
+        return (json.loads(raw),) if raw is not None else None
 
-    def save_result(self, job_id: str, result_json: str) -> None:
-        self._redis.set(c.JobKeys(job_id).result, result_json, ex=self._ttl)
-
-    def saved_result(self, job_id: str) -> str | None:
-        return _text(self._redis.get(c.JobKeys(job_id).result))
+    def commit(
+        self, job_id: str, commit: Commit, duration_buckets: Sequence[int]
+    ) -> tuple[bool, Any]:
+        """Commit the job's result and its final event, once. Returns whether this call
+        committed, and the committed result: this call's, or an earlier finalize's."""
+        keys = c.JobKeys(job_id)
+        is_new, stored = self._commit(
+            keys=[keys.result, keys.meta, c.events_stream(job_id), c.RETENTION_INDEX, c.METRICS],
+            args=[
+                commit.result_json,
+                self._ttl,
+                c.events_channel(job_id),
+                commit.final_event,
+                job_id,
+                commit.keep_s,
+                commit.outcome,
+                commit.made,
+                commit.failed,
+                commit.cost_nano,
+                *duration_buckets,
+            ],
+        )
+        return bool(is_new), json.loads(stored)
 
 
 def _text(value: object) -> str | None:

@@ -4,37 +4,45 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
+from worker.budget import to_nano
+from worker.crashpoints import crash_point
 from worker.errors import BudgetExceededError, InvalidPlanError, RefgenError
-from worker.events import (
-    ImageFailed,
-    JobError,
-    Progress,
-    StageFinished,
-    StageStarted,
-    encode,
+from worker.events import JobError, Progress, StageFinished, StageStarted, encode
+from worker.jobs import Commit, DoomReason
+from worker.metrics import DURATION_BUCKETS_S
+from worker.models import ImageOutcome, ImageSpec, money
+from worker.pipeline import (
+    cancelled_reason,
+    failed_outcome,
+    generation_request,
+    outcome_event,
+    skipped_reason,
 )
-from worker.jobs import PlannedImage
-from worker.models import ImageOutcome, money
 from worker.planning import JobPlan, estimate_cost, plan_job
 from worker.services import Services
 from worker.threshold import build_result
 
 log = structlog.get_logger(__name__)
 
-# How long a losing finalizer waits for the winner's result.
-_FINALIZE_WAIT_S = 10.0
 _MAX_JOB_ID_CHARS = 256
+# How long a doomed job's finalize waits for its images in flight to stop (their predictions
+# are cancelled), so that the final cost includes what they ran.
+_DOOMED_SETTLE_S = 15.0
+
+Cause = Literal["chord", "deadline", "doomed"]
 
 
 @dataclass(frozen=True)
 class Launch:
     plan: JobPlan
+    fresh: bool  # False when a redelivered start had already begun the job
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class JobIntake:
             if claimed_by != task_id or (meta is not None and meta.launched):
                 log.info("job_duplicate_ignored", job_id=key, claimed_by=claimed_by)
                 return Duplicate(claimed_by=claimed_by)
+        crash_point("start.after_claim")
         try:
             job_plan = plan_job(
                 key,
@@ -94,6 +103,7 @@ class JobIntake:
                 per_minute=s.settings.budget_per_video_minute,
             )
             s.ledger.open(key, job_plan.budget_limit)
+            crash_point("start.after_ledger_open")
             s.ledger.preflight(key, estimate_cost(len(job_plan.images)))
         except InvalidPlanError as exc:
             return self._refuse(key, exc, details=exc.details)
@@ -106,17 +116,21 @@ class JobIntake:
                 estimated_cost=exc.requested,
                 image_count=len(job_plan.images),
             )
-        planned = [PlannedImage(i.image_type, i.image_id, i.prompt) for i in job_plan.images]
-        if s.jobs.begin(key, planned):
-            s.deadlines.schedule(key, s.settings.job_deadline_s)
-            s.events.publish(key, StageStarted(total_images=len(planned)))
+        fresh = s.jobs.begin(
+            key,
+            job_plan.images,
+            deadline_s=s.settings.job_deadline_s,
+            started_event=encode(StageStarted(total_images=len(job_plan.images))),
+        )
+        crash_point("start.after_plan_stored")
+        if fresh:
             log.info(
                 "job_started",
                 job_id=key,
-                images=len(planned),
+                images=len(job_plan.images),
                 budget_limit=money(job_plan.budget_limit) if job_plan.budget_limit else None,
             )
-        return Launch(plan=job_plan)
+        return Launch(plan=job_plan, fresh=fresh)
 
     def launched(self, job_id: str) -> None:
         self._s.jobs.mark_launched(job_id)
@@ -153,109 +167,116 @@ class JobFinalizer:
         self._s = services
 
     def finalize(
-        self, job_id: str, reported: list[ImageOutcome] | None = None, *, deadline: bool = False
-    ) -> dict[str, Any] | None:
-        """Apply the threshold once. A second call returns the first call's result.
+        self, job_id: str, reported: Sequence[ImageOutcome] = (), *, cause: Cause = "chord"
+    ) -> Any:
+        """The job's result: the one committed, or, if none is yet, the one computed from what
+        is recorded and committed now, atomically with the final event. Safe to call any
+        number of times, from any worker, at any point of a crash: only a commit changes
+        anything, and only the first commit counts.
 
-        ``reported`` are the chord's results; outcomes recorded by the image tasks fill in
-        the rest, and an image with neither (only at the deadline) is marked failed."""
+        ``reported`` are the chord's results (the record wins where both exist). At the
+        deadline, images with no outcome are marked failed; for a job that can no longer
+        pass, its images still in flight are cancelled first."""
         s = self._s
-        if not s.jobs.mark_finalized(job_id):
-            return self._wait_for_result(job_id)
-        s.deadlines.cancel(job_id)
+        committed = s.jobs.committed_result(job_id)
+        if committed is not None:
+            return committed[0]
         meta = s.jobs.meta(job_id)
-        outcomes = self._gather(job_id, reported or [], meta.images if meta else [], deadline)
-        total = meta.total_images if meta else len(outcomes)
-        totals = s.ledger.totals(job_id)
+        planned = meta.images if meta is not None else []
+        if cause == "deadline":
+            reason = (
+                "The image did not finish before the job deadline "
+                f"({s.settings.job_deadline_s:g} s)"
+            )
+            self._fail_missing(job_id, planned, reason)
+        elif cause == "doomed" and meta is not None and meta.doomed is not None:
+            self._stop_spending(job_id, planned, meta.doomed)
+        outcomes = {f"{o.image_type}_{o.image_id}": o for o in reported}
+        outcomes.update(s.jobs.outcomes(job_id))  # the record wins: it is what events announced
+        total = meta.total_images if meta is not None else len(outcomes)
+        crash_point("finalize.before_commit")
+        is_new, result = s.jobs.commit(
+            job_id, self._commit(job_id, list(outcomes.values()), total), DURATION_BUCKETS_S
+        )
+        crash_point("finalize.after_commit")
+        if is_new:
+            log.info(
+                "job_finished",
+                job_id=job_id,
+                status=result["status"] if result else "text_only",
+                made=sum(1 for o in outcomes.values() if o.ok),
+                total=total,
+                by=cause,
+            )
+        return result
+
+    def _commit(self, job_id: str, outcomes: list[ImageOutcome], total: int) -> Commit:
+        s = self._s
+        spent = s.ledger.totals(job_id).spent
         result = build_result(
             job_id=job_id,
             outcomes=outcomes,
             total_images=total,
-            total_cost=totals.spent,
+            total_cost=spent,
             model_version=s.settings.model_version,
             environment=s.settings.environment,
         )
-        payload = result.model_dump(mode="json") if result else None
-        s.jobs.save_result(job_id, json.dumps(payload))
-        s.retention.schedule(job_id, succeeded=result is not None)
         made = sum(1 for o in outcomes if o.ok)
-        duration = round(time.time() - meta.started_at, 3) if meta else 0.0
-        s.metrics.job_finished(
-            outcome=result.status if result else "text_only",
+        status = result.status if result is not None else "text_only"
+        final = StageFinished(
+            status="completed" if result is not None else "failed",
+            total_images=total,
+            successful_images=made,
+            failed_images=total - made,
+            total_cost=spent,
+            total_time=0.0,  # from the server's clock, as the result is committed
+            result_status=status,
+        )
+        return Commit(
+            result_json=json.dumps(result.model_dump(mode="json") if result else None),
+            final_event=encode(final),
+            keep_s=s.retention.keep_s(succeeded=result is not None),
+            outcome=status,
             made=made,
             failed=total - made,
-            cost=totals.spent,
-            duration_s=duration,
+            cost_nano=to_nano(spent),
         )
-        s.events.publish(
-            job_id,
-            StageFinished(
-                status="completed" if result else "failed",
-                total_images=total,
-                successful_images=made,
-                failed_images=total - made,
-                total_cost=totals.spent,
-                total_time=duration,
-                result_status=result.status if result else "text_only",
-            ),
-        )
-        log.info(
-            "job_finished",
-            job_id=job_id,
-            status=result.status if result else "text_only",
-            made=made,
-            total=total,
-            cost=money(totals.spent),
-            by_deadline=deadline,
-        )
-        return payload
 
-    def _gather(
-        self,
-        job_id: str,
-        reported: list[ImageOutcome],
-        planned: list[PlannedImage],
-        deadline: bool,
-    ) -> list[ImageOutcome]:
+    def _fail_missing(self, job_id: str, planned: list[ImageSpec], reason: str) -> None:
+        """Record a failure for every planned image with no outcome, so that a late delivery
+        of it stops instead of paying."""
         recorded = self._s.jobs.outcomes(job_id)
-        by_key = {f"{o.image_type}_{o.image_id}": o for o in reported}
-        by_key.update(recorded)  # the record wins: it is what events announced
-        for image in planned:
-            if image.key in by_key or not deadline:
+        for spec in planned:
+            if spec.key in recorded:
                 continue
-            reason = (
-                f"The image did not finish before the job deadline "
-                f"({self._s.settings.job_deadline_s:g} s)"
+            outcome = failed_outcome(self._s, spec, reason)
+            self._s.jobs.record_outcome(
+                job_id,
+                spec.key,
+                outcome,
+                announcements=[encode(outcome_event(spec, outcome)), encode(Progress(progress=0))],
             )
-            missing = ImageOutcome(
-                image_type=image.image_type,
-                image_id=image.image_id,
-                ok=False,
-                prompt_used=image.prompt,
-                reason=reason,
-            )
-            failed = ImageFailed(
-                image_type=missing.image_type,
-                image_id=missing.image_id,
-                retry_count=0,
-                reason=reason,
-            )
-            # Recorded, so a late delivery of this image stops instead of paying.
-            stored, _ = self._s.jobs.record_outcome(
-                job_id, image.key, missing, total=len(planned), announcements=[encode(failed)]
-            )
-            by_key[image.key] = stored
-        if deadline:
-            self._s.events.publish(job_id, Progress(progress=100))
-        return list(by_key.values())
 
-    def _wait_for_result(self, job_id: str) -> dict[str, Any] | None:
-        end = time.monotonic() + _FINALIZE_WAIT_S
-        while time.monotonic() < end:
-            saved = self._s.jobs.saved_result(job_id)
-            if saved is not None:
-                loaded: dict[str, Any] | None = json.loads(saved)
-                return loaded
+    def _stop_spending(self, job_id: str, planned: list[ImageSpec], doom: DoomReason) -> None:
+        """The job cannot pass: images not started are skipped; images in flight are
+        cancelled at the provider, and their outcomes (with what they ran) are waited for,
+        within bounds, so that the final cost is the cost of what ran."""
+        s = self._s
+        recorded = s.jobs.outcomes(job_id)
+        waiting = [spec for spec in planned if spec.key not in recorded]
+        running = [spec for spec in waiting if s.locks.is_held(job_id, spec.key)]
+        idle = [spec for spec in waiting if spec not in running]
+        self._fail_missing(job_id, idle, skipped_reason(doom))
+        if running:
+            cancelled = s.generator.cancel_in_flight(
+                job_id,
+                [generation_request(spec, 0, s.settings.image_timeout_s) for spec in running],
+            )
+            log.warning("doomed_job_cancelled", job_id=job_id, predictions=cancelled)
+        settle_by = time.monotonic() + _DOOMED_SETTLE_S
+        while time.monotonic() < settle_by:
+            recorded = s.jobs.outcomes(job_id)
+            if all(spec.key in recorded for spec in running):
+                return
             time.sleep(0.1)
-        log.warning("finalize_result_missing", job_id=job_id)
-        return None
+        self._fail_missing(job_id, running, cancelled_reason(doom))

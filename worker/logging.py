@@ -68,6 +68,8 @@ def configure_logging(settings: Settings) -> None:
         ),
         cache_logger_on_first_use=True,
     )
+    # httpx logs every request at INFO: a line per Replicate poll and upload is noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     install_redaction(settings)
 
 

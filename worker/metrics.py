@@ -8,37 +8,24 @@ Workers add to one Redis hash, so the figures are the cluster's; the gateway ser
 from __future__ import annotations
 
 from collections.abc import Iterator
-from decimal import Decimal
 
 import redis
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from worker.budget import to_nano
+from worker import constants as c
 
-METRICS = "refgen:metrics"
+METRICS = c.METRICS
 DURATION_BUCKETS_S = (5, 10, 30, 60, 120, 300, 600, 1800)
 JOB_OUTCOMES = ("success", "partial", "text_only")
 
 
 class JobMetrics:
+    """Counters the workers add to. A finished job's figures are added as its result is
+    committed (``commit_result.lua``), so each job counts once however often it is finalized."""
+
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
-
-    def job_finished(
-        self, *, outcome: str, made: int, failed: int, cost: Decimal, duration_s: float
-    ) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hincrby(METRICS, f"jobs:{outcome}", 1)
-        pipe.hincrby(METRICS, "images:made", made)
-        pipe.hincrby(METRICS, "images:failed", failed)
-        pipe.hincrby(METRICS, "cost:nano", to_nano(cost))
-        pipe.hincrbyfloat(METRICS, "duration:sum", duration_s)
-        pipe.hincrby(METRICS, "duration:count", 1)
-        for bound in DURATION_BUCKETS_S:
-            if duration_s <= bound:
-                pipe.hincrby(METRICS, f"duration:le:{bound}", 1)
-        pipe.execute()
 
     def rate_limited(self) -> None:
         self._redis.hincrby(METRICS, "replicate:429", 1)

@@ -1,7 +1,8 @@
 """One image, start to finish: budget, generation, upload, cost, events.
 
-Celery-free, so the whole path is testable without a broker. The task layer only turns a
-``RetryIn`` into ``Task.retry``.
+Celery-free, so the whole path is testable without a broker. The task layer turns a
+``RetryIn`` into ``Task.retry`` and a ``DeliveryAbandoned`` into a delivery that leaves its
+task to its lease (``worker.recovery``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,19 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 
+import redis
 import structlog
+from redis.lock import Lock
 
 from worker import constants as c
-from worker.errors import PermanentError, RefgenError, RetryableError
+from worker.crashpoints import crash_point
+from worker.errors import (
+    DeliveryAbandoned,
+    PermanentError,
+    RefgenError,
+    RetryableError,
+    StoreRefusedError,
+)
 from worker.events import (
     ImageCompleted,
     ImageFailed,
@@ -23,16 +33,36 @@ from worker.events import (
     encode,
 )
 from worker.generation import GenerationRequest
-from worker.jobs import MadeImage
+from worker.jobs import DoomReason, MadeImage, Recorded
 from worker.models import ImageOutcome, ImageSpec, money
 from worker.retry import generation_retry_delay, storage_call
 from worker.services import Services
+from worker.timebox import attempt_deadline
 
 log = structlog.get_logger(__name__)
 
 # Reserved before each paid call: the pre-flight price of one image (SPEC §6).
 RESERVATION_PER_IMAGE = c.FALLBACK_IMAGE_COST * c.ESTIMATE_SAFETY_FACTOR
-_WAIT_POLL_S = 0.25
+
+_WHY_DOOMED = {
+    "scenes": "every scene image failed",
+    "characters": "every character image failed",
+    "half": "fewer than half of the images can still be made",
+}
+
+
+def skipped_reason(doom: DoomReason) -> str:
+    return (
+        f"Not made, to save money: {_WHY_DOOMED[doom]}, so this job goes text-only "
+        "whatever this image does"
+    )
+
+
+def cancelled_reason(doom: DoomReason) -> str:
+    return (
+        f"Cancelled, to save money: {_WHY_DOOMED[doom]}, so this job goes text-only "
+        "whatever this image does"
+    )
 
 
 @dataclass(frozen=True)
@@ -61,42 +91,49 @@ class ImagePipeline:
     def __init__(self, services: Services) -> None:
         self._s = services
 
-    def run(self, spec: ImageSpec, attempt: int) -> ImageOutcome | RetryIn:
-        """One attempt at one image. A failure comes back as an outcome, never raised."""
-        bound = log.bind(job_id=spec.job_id, image=spec.key, attempt=attempt + 1)
-        lock_key = c.JobKeys(spec.job_id).image_lock(spec.key)
-        token = self._s.locks.acquire(lock_key)
-        while token is None:
-            # Another delivery of this image is running: its outcome is ours.
-            already = self._wait_for_other(spec, lock_key)
-            if already is not None:
-                bound.info("image_done_by_other_delivery", ok=already.ok)
-                return already
-            token = self._s.locks.acquire(lock_key)  # the other died: take over
+    def run(self, spec: ImageSpec, attempt: int) -> Recorded | RetryIn:
+        """One attempt at one image. A failure comes back as an outcome, never raised.
+
+        Raises ``DeliveryAbandoned`` when this delivery cannot finish the image: Redis is
+        unreachable (nothing could be recorded), or another delivery holds the image."""
         try:
-            return self._run_locked(spec, attempt, bound)
-        finally:
-            self._s.locks.release(lock_key, token)
+            lock = self._lock(spec)
+            if isinstance(lock, ImageOutcome):
+                return Recorded(lock, is_new=False)
+            try:
+                return self._run_locked(spec, attempt, lock)
+            finally:
+                self._s.locks.release(lock)
+        except redis.RedisError as exc:
+            raise DeliveryAbandoned(f"Redis is unreachable ({type(exc).__name__})") from None
 
-    def _wait_for_other(self, spec: ImageSpec, lock_key: str) -> ImageOutcome | None:
-        """Wait while another delivery holds the image. Returns its outcome, or None once its
-        lock is gone without one (it died)."""
+    def _lock(self, spec: ImageSpec) -> Lock | ImageOutcome:
+        """This image's lock, or the outcome another delivery recorded while we waited."""
+        key = c.JobKeys(spec.job_id).image_lock(spec.key)
+        # The other delivery's attempt ends within the image deadline; past that (and a lease
+        # to notice its death), waiting longer would only hold this slot.
+        give_up = time.monotonic() + self._s.settings.image_timeout_s + 2 * self._s.locks.ttl_s
         while True:
-            outcome = self._s.jobs.stored_outcome(spec.job_id, spec.key)
-            if outcome is not None:
-                return outcome
-            if not self._s.client.exists(lock_key):
-                return self._s.jobs.stored_outcome(spec.job_id, spec.key)
-            time.sleep(_WAIT_POLL_S)
+            lock = self._s.locks.try_acquire(key, wait_s=0.25)
+            if lock is not None:
+                return lock
+            other = self._s.jobs.stored_outcome(spec.job_id, spec.key)
+            if other is not None:
+                log.info("image_done_by_other_delivery", job_id=spec.job_id, image=spec.key)
+                return other
+            if time.monotonic() > give_up:
+                raise DeliveryAbandoned("another delivery of this image is still running")
 
-    def _run_locked(
-        self, spec: ImageSpec, attempt: int, bound: structlog.typing.FilteringBoundLogger
-    ) -> ImageOutcome | RetryIn:
+    def _run_locked(self, spec: ImageSpec, attempt: int, lock: Lock) -> Recorded | RetryIn:
+        bound = log.bind(job_id=spec.job_id, image=spec.key, attempt=attempt + 1)
         already = self._s.jobs.stored_outcome(spec.job_id, spec.key)
         if already is not None:
             # Redelivered after the outcome was recorded: nothing to pay, upload or announce.
             bound.info("image_already_done", ok=already.ok)
-            return already
+            return Recorded(already, is_new=False)
+        doom = self._s.jobs.doomed(spec.job_id)
+        if doom is not None:
+            return self.conclude(spec, self._failure(spec, attempt, skipped_reason(doom)))
         if attempt == 0:
             self._s.events.publish(
                 spec.job_id,
@@ -108,10 +145,13 @@ class ImagePipeline:
                 ),
             )
         try:
-            outcome = self._make(spec, attempt)
+            with attempt_deadline(self._s.settings.image_timeout_s):
+                outcome = self._make(spec, attempt, lock)
         except RetryableError as exc:
             delay = generation_retry_delay(exc, attempt)
-            if delay is not None:
+            if delay is None:
+                outcome = self._failure(spec, attempt, exc.reason)
+            else:
                 bound.warning("image_retry", reason=exc.reason, retry_in_s=delay)
                 self._s.events.publish(
                     spec.job_id,
@@ -125,44 +165,60 @@ class ImagePipeline:
                     ),
                 )
                 return RetryIn(delay_s=delay, reason=exc.reason)
-            outcome = self._failure(spec, attempt, exc)
         except PermanentError as exc:
-            outcome = self._failure(spec, attempt, exc)
+            outcome = self._failure(spec, attempt, exc.reason)
+        except (DeliveryAbandoned, redis.RedisError):
+            raise
         except Exception:
             # A bug must not take the chord down with it: finalize still needs this image.
             bound.exception("image_internal_error")
-            outcome = self._failure(
-                spec, attempt, RefgenError("Internal error while making the image")
-            )
+            outcome = self._failure(spec, attempt, "Internal error while making the image")
         return self.conclude(spec, outcome)
 
-    def _make(self, spec: ImageSpec, attempt: int) -> ImageOutcome:
+    def _make(self, spec: ImageSpec, attempt: int, lock: Lock) -> ImageOutcome:
         s = self._s
         made = s.jobs.made(spec.job_id, spec.key)
         if made is not None and storage_call(lambda: s.store.exists(spec.storage_path)):
             # Paid for and stored by a delivery that died before recording it: reuse it.
             log.info("image_reused_from_store", job_id=spec.job_id, image=spec.key)
-            return self._stored(spec, attempt, made.generation_time, Decimal(made.cost))
+            cost = s.ledger.image_costs(spec.job_id).get(spec.key, Decimal(made.cost))
+            return self._stored(spec, attempt, made.generation_time, cost)
+        # Everything that could make the paid call pointless is checked before it.
+        s.store_readiness.check()
+        if not s.locks.still_held(lock):
+            raise DeliveryAbandoned("another delivery took this image over")
+        doom = s.jobs.doomed(spec.job_id)
+        if doom is not None:
+            raise PermanentError(skipped_reason(doom))
         s.ledger.reserve(spec.job_id, spec.key, RESERVATION_PER_IMAGE)
+        crash_point("image.after_reservation")
         try:
             generated = s.generator.generate(
                 generation_request(spec, attempt, s.settings.image_timeout_s)
             )
-        except BaseException:
+        except BaseException as exc:
+            billed = exc.billed if isinstance(exc, RefgenError) else None
+            if billed is not None:
+                s.ledger.charge(spec.job_id, spec.key, billed.ref, billed.cost)
             s.ledger.release(spec.job_id, spec.key)
             raise
         if generated.cost_is_fallback:
             log.warning(
-                "cost_fallback_used",
-                job_id=spec.job_id,
-                image=spec.key,
-                cost=money(generated.cost),
+                "cost_fallback_used", job_id=spec.job_id, image=spec.key, cost=money(generated.cost)
             )
-        # Charged before the upload: the provider has billed us whatever happens next, and
-        # the charge is keyed by image, so a retried upload cannot charge again.
-        cost = s.ledger.charge(spec.job_id, spec.key, generated.cost)
+        # Charged before the upload: the provider has billed us whatever happens next, and the
+        # charge is keyed by the paid call, so a retried upload cannot charge again.
+        cost = s.ledger.charge(
+            spec.job_id, spec.key, generated.prediction_id or f"attempt-{attempt}", generated.cost
+        )
+        crash_point("image.after_charge")
         s.jobs.note_made(spec.job_id, spec.key, MadeImage(generated.generation_time, money(cost)))
-        storage_call(lambda: s.store.put_png(spec.storage_path, generated.png))
+        try:
+            storage_call(lambda: s.store.put_png(spec.storage_path, generated.png))
+        except StoreRefusedError:
+            s.store_readiness.refused()
+            raise
+        crash_point("image.after_upload")
         log.info(
             "image_stored",
             job_id=spec.job_id,
@@ -187,52 +243,54 @@ class ImagePipeline:
             retry_count=attempt,
         )
 
-    def _failure(self, spec: ImageSpec, attempt: int, error: RefgenError) -> ImageOutcome:
-        log.warning(
-            "image_failed",
-            job_id=spec.job_id,
-            image=spec.key,
-            reason=error.reason,
-            error=type(error).__name__,
-        )
-        paid = self._s.ledger.charges(spec.job_id).get(spec.key, Decimal(0))
-        return ImageOutcome(
-            image_type=spec.image_type,
-            image_id=spec.image_id,
-            ok=False,
-            prompt_used=spec.prompt,
-            cost=paid,
-            retry_count=attempt,
-            reason=error.reason,
-        )
+    def _failure(self, spec: ImageSpec, attempt: int, reason: str) -> ImageOutcome:
+        log.warning("image_failed", job_id=spec.job_id, image=spec.key, reason=reason)
+        return failed_outcome(self._s, spec, reason, retry_count=attempt)
 
-    def conclude(self, spec: ImageSpec, outcome: ImageOutcome) -> ImageOutcome:
+    def conclude(self, spec: ImageSpec, outcome: ImageOutcome) -> Recorded:
         """Record the outcome once and announce it. Returns the outcome on record."""
-        event: ImageCompleted | ImageFailed
-        if outcome.ok:
-            assert outcome.image_url is not None
-            event = ImageCompleted(
-                image_type=spec.image_type,
-                image_id=spec.image_id,
-                image_url=outcome.image_url,
-                generation_time=outcome.generation_time,
-                cost=outcome.cost,
-                retry_count=outcome.retry_count,
-                completed_images=0,  # filled in as the outcome is recorded
-                total_images=spec.total,
-            )
-        else:
-            event = ImageFailed(
-                image_type=spec.image_type,
-                image_id=spec.image_id,
-                retry_count=outcome.retry_count,
-                reason=outcome.reason or "Unknown failure",
-            )
-        stored, _ = self._s.jobs.record_outcome(
+        recorded = self._s.jobs.record_outcome(
             spec.job_id,
             spec.key,
             outcome,
-            total=spec.total,
-            announcements=[encode(event), encode(Progress(progress=0))],
+            announcements=[encode(outcome_event(spec, outcome)), encode(Progress(progress=0))],
         )
-        return stored
+        crash_point("image.after_outcome_recorded")
+        return recorded
+
+
+def failed_outcome(
+    services: Services, spec: ImageSpec, reason: str, retry_count: int = 0
+) -> ImageOutcome:
+    """A failed image, with whatever its paid calls cost."""
+    paid = services.ledger.image_costs(spec.job_id).get(spec.key, Decimal(0))
+    return ImageOutcome(
+        image_type=spec.image_type,
+        image_id=spec.image_id,
+        ok=False,
+        prompt_used=spec.prompt,
+        cost=paid,
+        retry_count=retry_count,
+        reason=reason,
+    )
+
+
+def outcome_event(spec: ImageSpec, outcome: ImageOutcome) -> ImageCompleted | ImageFailed:
+    if outcome.ok:
+        assert outcome.image_url is not None
+        return ImageCompleted(
+            image_type=spec.image_type,
+            image_id=spec.image_id,
+            image_url=outcome.image_url,
+            generation_time=outcome.generation_time,
+            cost=outcome.cost,
+            retry_count=outcome.retry_count,
+            completed_images=0,  # filled in as the outcome is recorded
+            total_images=spec.total,
+        )
+    return ImageFailed(
+        image_type=spec.image_type,
+        image_id=spec.image_id,
+        retry_count=outcome.retry_count,
+        reason=outcome.reason or "Unknown failure",
+    )

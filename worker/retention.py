@@ -8,18 +8,18 @@ newest object is older than the longest retention, so nothing is kept forever by
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import redis
 import structlog
 
+from worker import constants as c
 from worker.retry import storage_call
 from worker.storage import ImageStore
 
 log = structlog.get_logger(__name__)
 
-RETENTION_INDEX = "refgen:retention"
+RETENTION_INDEX = c.RETENTION_INDEX
 _DAY_S = 86_400
 
 
@@ -38,13 +38,16 @@ class Retention:
         self._success_s = success_days * _DAY_S
         self._failure_s = failure_days * _DAY_S
 
-    def schedule(self, job_id: str, *, succeeded: bool, finished_at: float | None = None) -> None:
-        keep = self._success_s if succeeded else self._failure_s
-        due = (finished_at if finished_at is not None else time.time()) + keep
-        self._redis.zadd(RETENTION_INDEX, {job_id: due})
+    def keep_s(self, *, succeeded: bool) -> int:
+        """How long a finished job's objects are kept. The job is indexed when its result is
+        committed (``commit_result.lua``), on the Redis clock."""
+        return self._success_s if succeeded else self._failure_s
+
+    def schedule(self, job_id: str, *, succeeded: bool, finished_at: float) -> None:
+        self._redis.zadd(RETENTION_INDEX, {job_id: finished_at + self.keep_s(succeeded=succeeded)})
 
     def purge(self, now: float | None = None) -> PurgeReport:
-        now = time.time() if now is None else now
+        now = _server_now(self._redis) if now is None else now
         report = PurgeReport()
         due = [str(j) for j in self._redis.zrangebyscore(RETENTION_INDEX, "-inf", now)]
         for job_id in due:
@@ -67,3 +70,8 @@ class Retention:
         paths = [o.path for o in objects]
         storage_call(lambda: self._store.delete(paths))
         return len(paths)
+
+
+def _server_now(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1_000_000

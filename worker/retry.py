@@ -10,6 +10,7 @@ import tenacity
 
 from worker import constants as c
 from worker.errors import RetryableError
+from worker.timebox import remaining
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -40,11 +41,21 @@ def _log_storage_retry(state: tenacity.RetryCallState) -> None:
     )
 
 
+class _past_image_deadline(tenacity.stop.stop_base):
+    """Stop when the next attempt would start after the image's deadline (``worker.timebox``)."""
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        left = remaining()
+        return left is not None and left <= retry_state.upcoming_sleep
+
+
 def storage_call(fn: Callable[[], _T], *, initial_wait_s: float = 0.5) -> _T:
     """Run a storage call with three attempts and exponential backoff on transient errors
-    (SPEC §5). Permanent errors pass straight through."""
+    (SPEC §5), within the image's deadline. Permanent errors pass straight through."""
     retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(c.STORAGE_MAX_ATTEMPTS),
+        stop=tenacity.stop_any(
+            tenacity.stop_after_attempt(c.STORAGE_MAX_ATTEMPTS), _past_image_deadline()
+        ),
         wait=tenacity.wait_exponential(multiplier=initial_wait_s, max=8),
         retry=tenacity.retry_if_exception_type(RetryableError),
         before_sleep=_log_storage_retry,

@@ -9,15 +9,14 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from worker.budget import CostLedger
-from worker.deadlines import JobDeadlines
 from worker.events import EventPublisher
 from worker.generation import ImageGenerator, PredictionCheckpoints
 from worker.jobs import JobStore
-from worker.leases import ImageLocks, LeaseBook
 from worker.metrics import JobMetrics
+from worker.recovery import Deadlines, Holdings, ImageLocks, Leases
 from worker.retention import Retention
 from worker.settings import Settings
-from worker.storage import ImageStore
+from worker.storage import ImageStore, StoreReadiness
 
 
 @dataclass(frozen=True)
@@ -26,13 +25,15 @@ class Services:
     client: redis.Redis
     generator: ImageGenerator
     store: ImageStore
+    store_readiness: StoreReadiness
     ledger: CostLedger
     jobs: JobStore
     events: EventPublisher
     retention: Retention
-    leases: LeaseBook
+    holdings: Holdings
+    leases: Leases
     locks: ImageLocks
-    deadlines: JobDeadlines
+    deadlines: Deadlines
     metrics: JobMetrics
 
     @classmethod
@@ -48,11 +49,13 @@ class Services:
         client = client or redis_client(settings.redis_url)
         jobs = JobStore(client, ttl_s=settings.job_state_ttl_s)
         store = store or make_store(settings)
+        holdings = Holdings()
         return cls(
             settings=settings,
             client=client,
             generator=generator or make_generator(settings, jobs, client, JobMetrics(client)),
             store=store,
+            store_readiness=StoreReadiness(store),
             ledger=CostLedger(client, ttl_s=settings.job_state_ttl_s),
             jobs=jobs,
             events=EventPublisher(client),
@@ -62,9 +65,10 @@ class Services:
                 success_days=settings.retention_success_days,
                 failure_days=settings.retention_failure_days,
             ),
-            leases=LeaseBook(client, ttl_s=settings.lease_ttl_s),
-            locks=ImageLocks(client, ttl_s=settings.lease_ttl_s),
-            deadlines=JobDeadlines(client),
+            holdings=holdings,
+            leases=Leases(client, ttl_s=settings.lease_ttl_s),
+            locks=ImageLocks(client, settings.lease_ttl_s, holdings),
+            deadlines=Deadlines(client),
             metrics=JobMetrics(client),
         )
 

@@ -161,6 +161,13 @@ class FakeSupabaseStorage(FakeHTTPServer):
             self._buckets[bucket_id] = bucket
         return bucket
 
+    def delete_bucket(self, bucket_id: str) -> None:
+        """Remove a bucket and everything in it (an operator's clean-up, all at once)."""
+        with self._lock:
+            self._buckets.pop(bucket_id, None)
+            for key in [k for k in self._objects if k[0] == bucket_id]:
+                del self._objects[key]
+
     @property
     def buckets(self) -> dict[str, Bucket]:
         with self._lock:

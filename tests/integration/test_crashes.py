@@ -8,6 +8,7 @@ of its images' costs.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import redis
 
 from tasks.harness import JobRun, JobRunner, WorkerProcess, base_worker_env
 from tasks.localredis import RedisServer
-from worker.leases import LEASE_PAYLOADS
+from worker.constants import LEASE_RECORDS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -82,11 +83,33 @@ def generated(journal: Path, job_id: str) -> Counter[str]:
     return Counter(key for job, key, *_ in lines if job == job_id)
 
 
-def in_background(runner: JobRunner, plan: dict[str, Any]) -> tuple[threading.Thread, list]:
-    box: list[JobRun] = []
-    thread = threading.Thread(target=lambda: box.append(runner(plan, timeout_s=240)))
-    thread.start()
-    return thread, box
+class Background:
+    """A job followed on a thread of its own; ``finish`` says what happened if it did not end."""
+
+    def __init__(self, runner: JobRunner, plan: dict[str, Any], timeout_s: float = 240) -> None:
+        self.plan, self.run, self.error = plan, None, None
+        self.thread = threading.Thread(target=self._follow, args=(runner, timeout_s))
+        self.thread.start()
+
+    def _follow(self, runner: JobRunner, timeout_s: float) -> None:
+        try:
+            self.run = runner(self.plan, timeout_s=timeout_s)
+        except BaseException as exc:  # kept for finish(): a thread's exception is otherwise lost
+            self.error = exc
+
+    def finish(self, timeout_s: float, *logs: Path) -> JobRun:
+        self.thread.join(timeout=timeout_s)
+        if self.run is None:
+            tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+            state = "still running" if self.thread.is_alive() else f"failed: {self.error!r}"
+            pytest.fail(f"job {self.plan['job_id']} did not end ({state})\n{tails}")
+        return self.run
+
+
+def journal_of(journal: Path, job_id: str, images: int) -> Counter[str]:
+    counts = generated(journal, job_id)
+    assert len(counts) == images, f"the journal shows {dict(counts)}, not {images} images"
+    return counts
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
@@ -113,22 +136,19 @@ def test_whole_worker_sigkill_mid_job_then_a_new_worker_finishes_it(
     runner = JobRunner(broker.url)
     first = start_worker(env, runner, tmp_path, "doomed", workers)
     plan = load_plan("large_5x3")  # 8 images on 4 slots: two rounds
-    thread, box = in_background(runner, plan)
+    job = Background(runner, plan)
     wait_for(lambda: sum(generated(journal, plan["job_id"]).values()) >= 4, 60, "round one")
     done_before = set(generated(journal, plan["job_id"]))
     time.sleep(0.5)  # round two is generating
     os.killpg(first.process.pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    start_worker(env, runner, tmp_path, "rescuer", workers)
-    thread.join(timeout=240)
+    rescuer = start_worker(env, runner, tmp_path, "rescuer", workers)
+    run = job.finish(240, first.log_path, rescuer.log_path)
     recovery_s = time.monotonic() - killed_at
     print(f"\nwhole-worker SIGKILL: job finished {recovery_s:.1f} s after the kill")
 
-    run = box[0]
     assert run.result["status"] == "success"
-    assert recovery_s < 180  # the issue's bound; see bench/ and README for the figure
-    counts = generated(journal, plan["job_id"])
-    assert len(counts) == 8
+    counts = journal_of(journal, plan["job_id"], images=8)
     assert all(counts[key] == 1 for key in done_before)  # stored: never generated again
     assert all(n <= 2 for n in counts.values())  # interrupted: at most once more
     assert_costs_add_up(run, broker, images=8)
@@ -148,9 +168,9 @@ def test_pool_process_sigkill_mid_generation(
         REFERENCE_GEN_CONCURRENCY="2",
     )
     plan = load_plan("minimal_1x1")
-    thread, box = in_background(runner, plan)
+    job = Background(runner, plan)
     client = redis.Redis.from_url(broker.url, decode_responses=True)
-    wait_for(lambda: client.hlen(LEASE_PAYLOADS) >= 2, 30, "both images to start")
+    wait_for(lambda: client.hlen(LEASE_RECORDS) >= 2, 30, "both images to start")
     time.sleep(0.5)
     children = subprocess.run(
         ["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True, check=False
@@ -158,12 +178,11 @@ def test_pool_process_sigkill_mid_generation(
     assert children
     for pid in children:
         os.kill(int(pid), signal.SIGKILL)
-    thread.join(timeout=120)
+    run = job.finish(120, worker.log_path)
 
-    run = box[0]
     assert run.result["status"] == "success"
     assert worker.alive
-    assert all(n <= 2 for n in generated(journal, plan["job_id"]).values())
+    assert all(n <= 2 for n in journal_of(journal, plan["job_id"], images=2).values())
     assert_costs_add_up(run, broker, images=2)
 
 
@@ -175,14 +194,14 @@ def test_redis_restart_mid_job(env, broker, journal, tmp_path, workers, load_pla
         "reference_generator.start", kwargs={"job_id": plan["job_id"], "plan": plan}
     )
     client = redis.Redis.from_url(broker.url, decode_responses=True)
-    wait_for(lambda: client.hlen(LEASE_PAYLOADS) >= 4, 30, "the images to start")
+    wait_for(lambda: client.hlen(LEASE_RECORDS) >= 4, 30, "the images to start")
     broker.stop()
     time.sleep(3)
     broker.start()
 
     result = poll_result(runner, plan["job_id"], timeout_s=180)
     assert result["status"] == "success"
-    assert all(n <= 2 for n in generated(journal, plan["job_id"]).values())
+    assert all(n <= 2 for n in journal_of(journal, plan["job_id"], images=4).values())
     run = JobRun(job_id=plan["job_id"], result=result)
     assert_costs_add_up(run, broker, images=4)
 
@@ -193,15 +212,15 @@ def test_each_task_delivered_twice_pays_and_uploads_once(
     runner = JobRunner(broker.url)
     start_worker(env, runner, tmp_path, "twice", workers, REFERENCE_GEN_CONCURRENCY="8")
     plan = load_plan("typical_2x2")
-    thread, box = in_background(runner, plan)
+    job = Background(runner, plan)
     client = redis.Redis.from_url(broker.url, decode_responses=True)
-    wait_for(lambda: client.hlen(LEASE_PAYLOADS) >= 4, 30, "the images to start")
-    payloads = [p for p in client.hvals(LEASE_PAYLOADS) if "generate_reference" in p]
-    assert len(payloads) == 4
-    for payload in payloads:  # a second delivery of each running header task
-        runner.client.signature(__import__("json").loads(payload)).apply_async()
-    thread.join(timeout=120)
-    run = box[0]
+    wait_for(lambda: client.hlen(LEASE_RECORDS) >= 4, 30, "the images to start")
+    records = [r for r in client.hvals(LEASE_RECORDS) if "generate_reference" in r]
+    assert len(records) == 4
+    for record in records:  # a second delivery of each running header task
+        _, payload = record.split(" ", 1)
+        runner.client.signature(json.loads(payload)).apply_async()
+    run = job.finish(120, tmp_path / "twice.log")
 
     assert run.result["status"] == "success"
     assert len(run.of("reference_generation_complete")) == 4
@@ -243,12 +262,11 @@ def test_a_job_whose_images_are_lost_for_good_ends_at_its_deadline(
         env, runner, tmp_path, "lonely", workers, REFERENCE_GEN_CONCURRENCY="1", JOB_DEADLINE_S="8"
     )
     plan = load_plan("typical_2x2")
-    thread, box = in_background(runner, plan)
+    job = Background(runner, plan)
     client = redis.Redis.from_url(broker.url, decode_responses=True)
-    wait_for(lambda: client.hlen(LEASE_PAYLOADS) >= 1, 30, "the first image to start")
+    wait_for(lambda: client.hlen(LEASE_RECORDS) >= 1, 30, "the first image to start")
     client.delete("reference_generator")  # the three queued images vanish from the broker
-    thread.join(timeout=60)
-    run = box[0]
+    run = job.finish(60, tmp_path / "lonely.log")
 
     assert run.result is None  # one image of four: text-only
     final = run.events[-1][1]
@@ -258,3 +276,27 @@ def test_a_job_whose_images_are_lost_for_good_ends_at_its_deadline(
     assert all("job deadline (8 s)" in event["reason"] for event in lost)
     assert runner.client.AsyncResult(plan["job_id"]).get(timeout=10) is None
     assert len([t for t in run.types if t == "stage_update"]) == 2  # finalized once
+
+
+def test_a_worker_with_free_slots_survives_a_redis_restart(
+    env, broker, journal, tmp_path, workers, load_plan
+) -> None:
+    """Two images on four slots: the worker is waiting in BRPOP for more when Redis goes.
+    kombu's channel close used to crash the worker there ("Unrecoverable error")."""
+    runner = JobRunner(broker.url)
+    worker = start_worker(env, runner, tmp_path, "idle", workers)
+    plan = load_plan("minimal_1x1")
+    job = Background(runner, plan)
+    client = redis.Redis.from_url(broker.url, decode_responses=True)
+    wait_for(lambda: client.hlen(LEASE_RECORDS) >= 2, 30, "the images to start")
+    broker.stop()
+    time.sleep(2)
+    broker.start()
+    result = poll_result(runner, plan["job_id"], timeout_s=120)
+    job.thread.join(timeout=5)  # pub/sub saw nothing while Redis was away: the result says
+    assert result["status"] == "success"
+    log = worker.log_path.read_text()
+    assert worker.alive, log[-3000:]
+    assert "Unrecoverable error" not in log
+    after = runner(load_plan("minimal_1x1"), timeout_s=60)  # and it keeps taking work
+    assert after.result["status"] == "success"

@@ -49,23 +49,32 @@ def test_reserve_charge_release(ledger: CostLedger, job_id: str) -> None:
     ledger.reserve(job_id, "scene_b", Decimal("0.006"))
     with pytest.raises(BudgetExceededError):
         ledger.reserve(job_id, "scene_c", Decimal("0.006"))
-    assert ledger.charge(job_id, "scene_a", Decimal("0.005")) == Decimal("0.005")
+    assert ledger.charge(job_id, "scene_a", "p1", Decimal("0.005")) == Decimal("0.005")
     ledger.release(job_id, "scene_b")
     totals = ledger.totals(job_id)
     assert (totals.spent, totals.reserved) == (Decimal("0.005"), Decimal(0))
     ledger.reserve(job_id, "scene_c", Decimal("0.006"))  # room again
 
 
-def test_an_image_is_charged_once(ledger: CostLedger, job_id: str) -> None:
+def test_a_paid_call_is_charged_once(ledger: CostLedger, job_id: str) -> None:
     ledger.open(job_id, None)
     ledger.reserve(job_id, "scene_a", Decimal("0.006"))
-    assert ledger.charge(job_id, "scene_a", Decimal("0.005")) == Decimal("0.005")
-    # A redelivered task reports a different figure: the first one stands.
-    assert ledger.charge(job_id, "scene_a", Decimal("0.009")) == Decimal("0.005")
-    ledger.reserve(job_id, "scene_a", Decimal("0.006"))  # already charged: holds nothing
+    assert ledger.charge(job_id, "scene_a", "pred-1", Decimal("0.005")) == Decimal("0.005")
+    # The same prediction reported again (a resumed or redelivered task): the first stands.
+    assert ledger.charge(job_id, "scene_a", "pred-1", Decimal("0.009")) == Decimal("0.005")
     assert ledger.totals(job_id).spent == Decimal("0.005")
     assert ledger.totals(job_id).reserved == Decimal(0)
-    assert ledger.charges(job_id) == {"scene_a": Decimal("0.005")}
+    assert ledger.image_costs(job_id) == {"scene_a": Decimal("0.005")}
+
+
+def test_every_paid_call_of_an_image_counts(ledger: CostLedger, job_id: str) -> None:
+    """A first attempt cancelled at its deadline still bills the time it ran."""
+    ledger.open(job_id, None)
+    ledger.charge(job_id, "scene_a", "pred-1", Decimal("0.002"))
+    assert ledger.charge(job_id, "scene_a", "pred-2", Decimal("0.005")) == Decimal("0.007")
+    ledger.charge(job_id, "scene_b", "pred-3", Decimal("0.004"))
+    assert ledger.image_costs(job_id) == {"scene_a": Decimal("0.007"), "scene_b": Decimal("0.004")}
+    assert ledger.totals(job_id).spent == Decimal("0.011")
 
 
 def test_reservations_are_atomic_across_threads(ledger: CostLedger, job_id: str) -> None:
@@ -88,7 +97,12 @@ def test_reservations_are_atomic_across_threads(ledger: CostLedger, job_id: str)
     assert ledger.totals(job_id).reserved == Decimal("0.06")
 
 
-def test_open_keeps_the_first_limit(ledger: CostLedger, job_id: str) -> None:
-    ledger.open(job_id, Decimal(1))
-    ledger.open(job_id, Decimal(1000))
-    assert ledger.totals(job_id).limit == Decimal(1)
+def test_a_refused_job_sent_again_gets_its_new_limit(ledger: CostLedger, job_id: str) -> None:
+    ledger.open(job_id, Decimal("0.02"))
+    with pytest.raises(BudgetExceededError):
+        ledger.preflight(job_id, Decimal("0.024"))
+    ledger.open(job_id, Decimal(600))  # the same job id, sent again with a longer video
+    ledger.preflight(job_id, Decimal("0.024"))
+    assert ledger.totals(job_id).limit == Decimal(600)
+    ledger.open(job_id, None)  # and with no duration: no limit at all
+    assert ledger.totals(job_id).limit is None

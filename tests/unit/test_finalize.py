@@ -1,8 +1,11 @@
-"""Finalization: once per job, and at the deadline with what exists."""
+"""Finalization: the result is committed once, atomically with the final event, from what is
+recorded; any later finalize returns it; a crash before the commit loses nothing."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -10,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from worker import constants as c
+from worker.events import StageStarted, encode
 from worker.generation.local import LocalImageGenerator
-from worker.jobs import PlannedImage
-from worker.lifecycle import JobFinalizer
-from worker.models import ImageOutcome
+from worker.lifecycle import JobFinalizer, JobIntake, Launch
+from worker.models import ImageOutcome, ImageSpec
 from worker.services import Services
 from worker.settings import Settings
 from worker.storage.local import LocalImageStore
@@ -29,9 +32,22 @@ def services(redis_client, tmp_path: Path) -> Services:
     )
 
 
+def image(job_id: str, kind: str, image_id: str, index: int = 1, total: int = 4) -> ImageSpec:
+    return ImageSpec(
+        job_id=job_id,
+        image_type=kind,  # type: ignore[arg-type]
+        image_id=image_id,
+        prompt=f"prompt {image_id}",
+        negative_prompt="n",
+        seed=1,
+        index=index,
+        total=total,
+    )
+
+
 def made(kind: str, image_id: str) -> ImageOutcome:
     return ImageOutcome(
-        image_type=kind,
+        image_type=kind,  # type: ignore[arg-type]
         image_id=image_id,
         ok=True,
         prompt_used="p",
@@ -41,47 +57,191 @@ def made(kind: str, image_id: str) -> ImageOutcome:
     )
 
 
-def start_job(services: Services, images: list[tuple[str, str]]) -> str:
+def failed(kind: str, image_id: str) -> ImageOutcome:
+    return ImageOutcome(
+        image_type=kind,  # type: ignore[arg-type]
+        image_id=image_id,
+        ok=False,
+        prompt_used="p",
+        reason="it broke",
+    )
+
+
+def start_job(services: Services, images: list[tuple[str, str]]) -> tuple[str, list[ImageSpec]]:
     job_id = str(uuid.uuid4())
+    specs = [image(job_id, k, i, n, len(images)) for n, (k, i) in enumerate(images, 1)]
     services.ledger.open(job_id, None)
-    services.jobs.begin(job_id, [PlannedImage(k, i, f"prompt {i}") for k, i in images])
-    return job_id
+    started = encode(StageStarted(total_images=len(specs)))
+    assert services.jobs.begin(job_id, specs, deadline_s=30, started_event=started)
+    return job_id, specs
+
+
+def record(services: Services, job_id: str, outcome: ImageOutcome) -> None:
+    key = f"{outcome.image_type}_{outcome.image_id}"
+    if outcome.ok:
+        services.ledger.charge(job_id, key, f"pred-{key}", outcome.cost)
+    services.jobs.record_outcome(job_id, key, outcome)
+
+
+def history(redis_client, job_id: str) -> list[dict]:
+    entries = redis_client.xrange(c.events_stream(job_id))
+    return [json.loads(fields["message"]) for _, fields in entries]
+
+
+def finals(redis_client, job_id: str) -> list[dict]:
+    return [
+        e["data"]
+        for e in history(redis_client, job_id)
+        if e["event_type"] == "stage_update" and e["data"]["status"] != "started"
+    ]
+
+
+def test_admitting_a_job_schedules_its_deadline(services, redis_client, load_plan) -> None:
+    plan = load_plan("typical_2x2")
+    admission = JobIntake(services).admit(plan["job_id"], plan, None, task_id="t-1")
+    assert isinstance(admission, Launch) and admission.fresh
+    due = services.deadlines.due_at(plan["job_id"])
+    seconds, micros = redis_client.time()
+    assert due is not None and abs(due - (seconds + micros / 1e6 + 30)) < 2
+    again = JobIntake(services).admit(plan["job_id"], plan, None, task_id="t-1")
+    assert isinstance(again, Launch) and not again.fresh  # a redelivered start
+    assert services.deadlines.due_at(plan["job_id"]) == due  # keeps the first deadline
+    assert [e["event_type"] for e in history(redis_client, plan["job_id"])] == ["stage_update"]
+
+
+def test_a_budget_refusal_can_be_sent_again_corrected(services, load_plan) -> None:
+    plan = load_plan("typical_2x2")
+    refused = JobIntake(services).admit(plan["job_id"], plan, 0.006, task_id="t-1")
+    assert not isinstance(refused, Launch) and "limit is $0.02" in refused.reason
+    again = JobIntake(services).admit(plan["job_id"], plan, 180, task_id="t-2")
+    assert isinstance(again, Launch)
+    assert services.ledger.totals(plan["job_id"]).limit == Decimal(600)
+
+
+def test_finalize_commits_once_with_one_final_event(services, redis_client) -> None:
+    job_id, _ = start_job(services, [("scene", "a"), ("character", "c")])
+    for outcome in (made("scene", "a"), made("character", "c")):
+        record(services, job_id, outcome)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(JobFinalizer(services).finalize(job_id)))
+        for _ in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 6 and all(r == results[0] for r in results)
+    assert results[0]["status"] == "success" and results[0]["total_cost"] == "0.01"
+    assert len(finals(redis_client, job_id)) == 1
+    late = JobFinalizer(services).finalize(job_id, cause="deadline")
+    assert late == results[0]
+    assert len(finals(redis_client, job_id)) == 1
+    metrics = redis_client.hgetall(c.METRICS)
+    assert int(metrics["jobs:success"]) >= 1
+    assert redis_client.zscore(c.RETENTION_INDEX, job_id) is not None
+
+
+def test_a_committed_text_only_result_is_returned_as_null_not_recomputed(services) -> None:
+    job_id, _ = start_job(services, [("scene", "a"), ("character", "c")])
+    record(services, job_id, failed("scene", "a"))
+    record(services, job_id, made("character", "c"))
+    assert JobFinalizer(services).finalize(job_id) is None
+    assert services.jobs.committed_result(job_id) == (None,)
+    # A late outcome cannot change a committed job.
+    assert JobFinalizer(services).finalize(job_id, [made("scene", "a")]) is None
+
+
+def test_the_final_event_carries_the_committed_figures(services, redis_client) -> None:
+    job_id, _ = start_job(services, [("scene", "a"), ("scene", "b"), ("character", "c")])
+    record(services, job_id, made("scene", "a"))
+    record(services, job_id, failed("scene", "b"))
+    record(services, job_id, made("character", "c"))
+    time.sleep(0.05)
+    result = JobFinalizer(services).finalize(job_id)
+    (final,) = finals(redis_client, job_id)
+    assert result["status"] == "partial"
+    assert (final["status"], final["result_status"]) == ("completed", "partial")
+    assert (final["successful_images"], final["failed_images"]) == (2, 1)
+    assert final["total_cost"] == result["total_cost"] == "0.01"
+    assert final["total_time"] >= 0.05  # from the server's clock, started → commit
 
 
 def test_deadline_marks_missing_images_failed_and_applies_the_rule(services, redis_client):
-    job_id = start_job(
+    job_id, _ = start_job(
         services, [("scene", "a"), ("scene", "b"), ("character", "c"), ("character", "d")]
     )
-    for kind, image_id in (("scene", "a"), ("character", "c")):
-        services.ledger.charge(job_id, f"{kind}_{image_id}", Decimal("0.005"))
-        services.jobs.record_outcome(job_id, f"{kind}_{image_id}", made(kind, image_id), total=4)
-    listener = redis_client.pubsub(ignore_subscribe_messages=True)
-    listener.subscribe(c.events_channel(job_id))
-    listener.get_message(timeout=0.2)
+    record(services, job_id, made("scene", "a"))
+    record(services, job_id, made("character", "c"))
 
-    result = JobFinalizer(services).finalize(job_id, deadline=True)
+    result = JobFinalizer(services).finalize(job_id, cause="deadline")
 
     assert result is not None and result["status"] == "partial"  # 2 of 4, a scene, a character
-    assert result["total_cost"] == "0.01"
     missing = services.jobs.stored_outcome(job_id, "scene_b")
     assert missing is not None and not missing.ok
     assert "job deadline (30 s)" in (missing.reason or "")
-    events = []
-    while (m := listener.get_message(timeout=0.3)) is not None:
-        events.append(json.loads(m["data"]))
-    failed = [
+    events = history(redis_client, job_id)
+    failed_ids = [
         e["data"]["image_id"] for e in events if e["event_type"] == "reference_generation_failed"
     ]
-    assert sorted(failed) == ["b", "d"]
+    assert sorted(failed_ids) == ["b", "d"]
     assert events[-1]["event_type"] == "stage_update"
     assert events[-1]["data"]["failed_images"] == 2
+    progress = [e["data"]["progress"] for e in events if e["event_type"] == "progress"]
+    assert progress == sorted(progress) and progress[-1] == 100
 
 
-def test_finalize_runs_once(services) -> None:
-    job_id = start_job(services, [("scene", "a"), ("character", "c")])
-    outcomes = [made("scene", "a"), made("character", "c")]
-    first = JobFinalizer(services).finalize(job_id, outcomes)
-    second = JobFinalizer(services).finalize(job_id, deadline=True)  # e.g. a late deadline
-    assert first == second
-    assert first is not None and first["status"] == "success"
-    assert services.deadlines.due_at(job_id) is None
+def test_the_outcome_that_dooms_a_job_says_so(services) -> None:
+    job_id, _ = start_job(
+        services, [("scene", "a"), ("scene", "b"), ("character", "c"), ("character", "d")]
+    )
+    first = services.jobs.record_outcome(job_id, "scene_a", failed("scene", "a"))
+    assert first.doomed_now is None  # the other scene can still pass
+    second = services.jobs.record_outcome(job_id, "scene_b", failed("scene", "b"))
+    assert second.doomed_now == "scenes"
+    third = services.jobs.record_outcome(job_id, "character_c", failed("character", "c"))
+    assert third.doomed_now is None  # doomed once
+    assert services.jobs.doomed(job_id) == "scenes"
+
+
+def test_half_failed_dooms_a_job(services) -> None:
+    images = [("scene", "a"), ("scene", "b"), ("character", "c"), ("character", "d")]
+    images += [("scene", "e")]
+    job_id, _ = start_job(services, images)
+    assert services.jobs.record_outcome(job_id, "scene_a", failed("scene", "a")).doomed_now is None
+    assert services.jobs.record_outcome(job_id, "scene_b", failed("scene", "b")).doomed_now is None
+    third = services.jobs.record_outcome(job_id, "character_c", failed("character", "c"))
+    assert third.doomed_now == "half"  # 2 of 5 can still be made: under half
+
+
+def test_a_doomed_job_skips_what_has_not_started_and_waits_for_what_runs(
+    services, redis_client
+) -> None:
+    job_id, _specs = start_job(
+        services, [("scene", "a"), ("scene", "b"), ("character", "c"), ("character", "d")]
+    )
+    record(services, job_id, failed("scene", "a"))
+    record(services, job_id, failed("scene", "b"))
+    assert services.jobs.doomed(job_id) == "scenes"
+    running = services.locks.try_acquire(c.JobKeys(job_id).image_lock("character_c"))
+    assert running is not None
+
+    def finish_running() -> None:  # the delivery in flight stops (cancelled) and records
+        time.sleep(0.5)
+        services.ledger.charge(job_id, "character_c", "pred-c", Decimal("0.001"))
+        outcome = failed("character", "c").model_copy(update={"cost": Decimal("0.001")})
+        services.jobs.record_outcome(job_id, "character_c", outcome)
+        services.locks.release(running)
+
+    thread = threading.Thread(target=finish_running)
+    thread.start()
+    result = JobFinalizer(services).finalize(job_id, cause="doomed")
+    thread.join()
+
+    assert result is None
+    skipped = services.jobs.stored_outcome(job_id, "character_d")
+    assert skipped is not None and "Not made, to save money" in (skipped.reason or "")
+    assert "every scene image failed" in (skipped.reason or "")
+    (final,) = finals(redis_client, job_id)
+    assert final["result_status"] == "text_only"
+    assert final["total_cost"] == "0.001"  # the cost of what ran, the cancelled run included

@@ -11,7 +11,8 @@ import pytest
 
 from worker import constants as c
 from worker.generation.local import LocalImageGenerator
-from worker.models import ImageSpec
+from worker.jobs import MadeImage, Recorded
+from worker.models import ImageOutcome, ImageSpec
 from worker.pipeline import ImagePipeline, RetryIn
 from worker.services import Services
 from worker.settings import Settings
@@ -50,6 +51,11 @@ def spec(image_id: str = "street", total: int = 2) -> ImageSpec:
     )
 
 
+def made(step: Recorded | RetryIn) -> ImageOutcome:
+    assert isinstance(step, Recorded), step
+    return step.outcome
+
+
 def events(redis_client, job_id: str):
     listener = redis_client.pubsub(ignore_subscribe_messages=True)
     listener.subscribe(c.events_channel(job_id))
@@ -73,8 +79,8 @@ def test_success_stores_charges_and_announces(services: Services, redis_client) 
     image = spec()
     listener = events(redis_client, image.job_id)
     services.ledger.open(image.job_id, None)
-    outcome = ImagePipeline(services).run(image, attempt=0)
-    assert not isinstance(outcome, RetryIn) and outcome.ok
+    outcome = made(ImagePipeline(services).run(image, attempt=0))
+    assert outcome.ok
     assert services.store.exists(image.storage_path)
     assert services.ledger.totals(image.job_id).spent == Decimal("0.005")
     kinds = [e for e, _ in drain(listener)]
@@ -84,8 +90,8 @@ def test_success_stores_charges_and_announces(services: Services, redis_client) 
 def test_a_done_image_is_never_made_again(services: Services) -> None:
     image = spec()
     services.ledger.open(image.job_id, None)
-    first = ImagePipeline(services).run(image, attempt=0)
-    again = ImagePipeline(services).run(image, attempt=0)
+    first = made(ImagePipeline(services).run(image, attempt=0))
+    again = made(ImagePipeline(services).run(image, attempt=0))
     assert again == first
     assert CountingGenerator.calls == 1
     assert services.ledger.totals(image.job_id).spent == Decimal("0.005")
@@ -98,8 +104,8 @@ def test_transient_failure_asks_for_a_retry_in_2_s(services: Services, redis_cli
     step = ImagePipeline(services).run(image, attempt=0)
     assert step == RetryIn(delay_s=2.0, reason=step.reason)  # type: ignore[union-attr]
     assert services.ledger.totals(image.job_id).reserved == Decimal(0)  # released
-    outcome = ImagePipeline(services).run(image, attempt=1)
-    assert not isinstance(outcome, RetryIn) and outcome.ok and outcome.retry_count == 1
+    outcome = made(ImagePipeline(services).run(image, attempt=1))
+    assert outcome.ok and outcome.retry_count == 1
     kinds = [e for e, _ in drain(listener)]
     assert kinds == [
         "reference_generation_start",
@@ -112,8 +118,7 @@ def test_transient_failure_asks_for_a_retry_in_2_s(services: Services, redis_cli
 def test_last_attempt_failure_is_an_outcome_not_an_exception(services: Services) -> None:
     image = spec("doomed")
     services.ledger.open(image.job_id, None)
-    outcome = ImagePipeline(services).run(image, attempt=1)
-    assert not isinstance(outcome, RetryIn)
+    outcome = made(ImagePipeline(services).run(image, attempt=1))
     assert not outcome.ok and outcome.retry_count == 1
     assert "temporarily unavailable" in (outcome.reason or "")
     assert services.ledger.totals(image.job_id).spent == Decimal(0)
@@ -122,41 +127,39 @@ def test_last_attempt_failure_is_an_outcome_not_an_exception(services: Services)
 def test_budget_refusal_is_permanent(services: Services) -> None:
     image = spec()
     services.ledger.open(image.job_id, Decimal("0.001"))
-    outcome = ImagePipeline(services).run(image, attempt=0)
-    assert not isinstance(outcome, RetryIn) and not outcome.ok
+    outcome = made(ImagePipeline(services).run(image, attempt=0))
+    assert not outcome.ok
     assert "Budget exceeded" in (outcome.reason or "")
     assert CountingGenerator.calls == 0
 
 
 def test_an_image_paid_for_and_stored_is_reused_not_made_again(services: Services) -> None:
     """A delivery died after the upload, before recording: the next one reuses the file."""
-    from worker.jobs import MadeImage
-
     image = spec()
     services.ledger.open(image.job_id, None)
-    services.ledger.charge(image.job_id, image.key, Decimal("0.005"))
+    services.ledger.charge(image.job_id, image.key, "attempt-0", Decimal("0.005"))
     services.jobs.note_made(image.job_id, image.key, MadeImage(1.25, "0.005"))
     services.store.put_png(image.storage_path, b"\x89PNG stored")
-    outcome = ImagePipeline(services).run(image, attempt=0)
-    assert not isinstance(outcome, RetryIn) and outcome.ok
+    outcome = made(ImagePipeline(services).run(image, attempt=0))
+    assert outcome.ok
     assert (outcome.generation_time, outcome.cost) == (1.25, Decimal("0.005"))
     assert CountingGenerator.calls == 0
     assert services.ledger.totals(image.job_id).spent == Decimal("0.005")
 
 
-def test_a_paid_image_missing_from_the_store_is_made_without_paying_again(
+def test_a_paid_image_missing_from_the_store_is_made_again_and_charged_once(
     services: Services,
 ) -> None:
-    from worker.jobs import MadeImage
-
     image = spec()
     services.ledger.open(image.job_id, None)
-    services.ledger.charge(image.job_id, image.key, Decimal("0.005"))
+    services.ledger.charge(image.job_id, image.key, "attempt-0", Decimal("0.005"))
     services.jobs.note_made(image.job_id, image.key, MadeImage(1.0, "0.005"))
-    outcome = ImagePipeline(services).run(image, attempt=0)
-    assert not isinstance(outcome, RetryIn) and outcome.ok
-    assert CountingGenerator.calls == 1  # interrupted before upload: made once more
-    assert services.ledger.totals(image.job_id).spent == Decimal("0.005")  # charged once
+    outcome = made(ImagePipeline(services).run(image, attempt=0))
+    assert outcome.ok
+    # Interrupted before its upload: made once more (a remote generator resumes the same
+    # prediction instead), and the same paid call is charged once.
+    assert CountingGenerator.calls == 1
+    assert services.ledger.totals(image.job_id).spent == Decimal("0.005")
 
 
 def test_a_second_delivery_waits_for_the_first(services: Services, redis_client) -> None:
@@ -181,5 +184,5 @@ def test_a_second_delivery_waits_for_the_first(services: Services, redis_client)
     for t in threads:
         t.join()
     assert CountingGenerator.calls == 1
-    assert len({r.image_url for r in results}) == 1
+    assert len({made(r).image_url for r in results}) == 1
     assert slow.ledger.totals(image.job_id).spent == Decimal("0.005")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
@@ -31,6 +32,15 @@ class GeneratedImage:
 
 
 @dataclass(frozen=True)
+class Bill:
+    """What a provider charged for one paid call; ``ref`` names the call (a prediction id), so
+    that a call resumed or reported twice is charged once."""
+
+    ref: str
+    cost: Decimal
+
+
+@dataclass(frozen=True)
 class PredictionRef:
     """A remote prediction in flight: enough to resume it after a redelivery."""
 
@@ -45,6 +55,12 @@ class PredictionCheckpoints(Protocol):
 
 
 class ImageGenerator(Protocol):
-    """Makes one 1024×1024 PNG. Raises ``RetryableError`` or ``PermanentError`` only."""
+    """Makes one 1024×1024 PNG. Raises ``RetryableError`` or ``PermanentError`` only; an
+    error raised after the provider billed for the attempt carries its ``billed``."""
 
     def generate(self, request: GenerationRequest) -> GeneratedImage: ...
+
+    def cancel_in_flight(self, job_id: str, requests: Sequence[GenerationRequest]) -> list[str]:
+        """Cancel whatever of these images is still running at the provider (a job that can
+        no longer pass stops paying); returns what was cancelled."""
+        ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from functools import partial
 from typing import Any, Protocol
@@ -22,6 +22,7 @@ from replicate.client import Client as ReplicateClient
 from replicate.exceptions import ReplicateError
 
 from worker import constants as c
+from worker.crashpoints import crash_point
 from worker.errors import (
     ContentRejectedError,
     ImageTimeoutError,
@@ -190,6 +191,15 @@ class ReplicateImageGenerator:
             prediction_id=prediction.id,
         )
 
+    def cancel_in_flight(self, job_id: str, requests: Sequence[GenerationRequest]) -> list[str]:
+        cancelled = []
+        for request in requests:
+            saved = self._checkpoints.saved_prediction(job_id, request.image_key)
+            if saved is not None:
+                self._cancel(saved.id)
+                cancelled.append(saved.id)
+        return cancelled
+
     def _resume(self, request: GenerationRequest) -> tuple[Any, float] | None:
         saved = self._checkpoints.saved_prediction(request.job_id, request.image_key)
         if saved is None:
@@ -216,6 +226,7 @@ class ReplicateImageGenerator:
         self._checkpoints.save_prediction(
             request.job_id, request.image_key, PredictionRef(prediction.id, time.time())
         )
+        crash_point("image.after_prediction_created")
         log.info("prediction_created", prediction_id=prediction.id, image=request.image_key)
         return prediction, time.monotonic()
 

@@ -17,9 +17,16 @@ from storage3 import SyncStorageClient
 from storage3.exceptions import StorageApiError
 
 from worker import constants as c
-from worker.errors import PermanentError, RefgenError, RetryableError
+from worker.errors import (
+    BucketMissingError,
+    PermanentError,
+    RefgenError,
+    RetryableError,
+    StoreRefusedError,
+)
 from worker.settings import Settings
 from worker.storage import StoredObject, check_png_size
+from worker.timebox import BoundedTimeoutTransport
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -27,9 +34,8 @@ _T = TypeVar("_T")
 # storage3 maps these options onto headers: the key must be lowercase (a capitalised
 # "Content-Type" leaves the multipart envelope's type in charge) and the values strings.
 _UPLOAD_OPTIONS = {"content-type": "image/png", "upsert": "true", "cache-control": "3600"}
+_REFUSED_KEY = "Supabase refused the service key"
 _PERMANENT_REASONS = {
-    "401": "Supabase refused the service key",
-    "403": "Supabase refused the service key",
     "404": "The storage bucket or object does not exist",
     "409": "The object already exists",
     "413": f"The image is too large for the bucket (limit {c.MAX_IMAGE_BYTES // 1_048_576} MB)",
@@ -47,8 +53,12 @@ class SupabaseImageStore:
         assert settings.supabase_url and settings.supabase_service_key is not None
         key = settings.supabase_service_key.get_secret_value()
         headers = {"apiKey": key, "Authorization": f"Bearer {key}"}
+        timeout = httpx.Timeout(30, connect=5)
         http = httpx.Client(
-            headers=headers, timeout=httpx.Timeout(30, connect=5), follow_redirects=True
+            headers=headers,
+            timeout=timeout,
+            follow_redirects=True,
+            transport=BoundedTimeoutTransport(timeout),
         )
         client = SyncStorageClient(storage_url(settings.supabase_url), headers, http_client=http)
         return cls(client, settings.storage_bucket)
@@ -82,7 +92,13 @@ class SupabaseImageStore:
 
     def put_png(self, path: str, data: bytes) -> None:
         check_png_size(data)
-        self._call(lambda: self._bucket.upload(path, data, _UPLOAD_OPTIONS))
+        try:
+            self._call(lambda: self._bucket.upload(path, data, _UPLOAD_OPTIONS))
+        except BucketMissingError:
+            # Deleted while we run, or never created because storage was down at start-up.
+            log.warning("bucket_missing_recreating", bucket=self._bucket_id)
+            self.ensure_bucket()
+            self._call(lambda: self._bucket.upload(path, data, _UPLOAD_OPTIONS))
 
     def exists(self, path: str) -> bool:
         return bool(self._call(lambda: self._bucket.exists(path)))
@@ -160,6 +176,10 @@ def classify(exc: StorageApiError) -> RefgenError:
     http_status = getattr(getattr(exc.__cause__, "response", None), "status_code", 0) or 0
     if (code.isdigit() and int(code) >= 500) or http_status >= 500 or code == "429":
         return RetryableError(f"Supabase Storage is having trouble ({code})")
+    if code in ("401", "403"):
+        return StoreRefusedError(_REFUSED_KEY)
+    if code == "404" and "bucket" in f"{exc.code} {exc.message}".lower():
+        return BucketMissingError("The storage bucket does not exist")
     reason = _PERMANENT_REASONS.get(code)
     if reason is None:
         reason = f"Supabase Storage refused the request ({code}: {str(exc.message)[:120]})"

@@ -1,0 +1,224 @@
+"""Leases, image locks, deadlines, the heartbeat and the watchdog against a real redis-server
+(their Lua and their threads are the point)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from worker import constants as c
+from worker.recovery import (
+    Deadlines,
+    Heartbeat,
+    Holdings,
+    ImageLocks,
+    Leases,
+    Ticker,
+    Watchdog,
+)
+
+
+@pytest.fixture(autouse=True)
+def clean(redis_client) -> None:
+    redis_client.delete(c.LEASES, c.LEASE_RECORDS, c.DEADLINES)
+
+
+def wait_until(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.02)
+
+
+def test_an_expired_lease_is_claimed_once_and_kept_not_deleted(redis_client) -> None:
+    leases = Leases(redis_client, ttl_s=0.2)
+    leases.take("task-1", {"task": "x", "args": [1]})
+    assert leases.claim_expired("w", hold_s=5) == []  # still live
+    time.sleep(0.3)
+    claims: list = []
+    threads = [
+        threading.Thread(target=lambda: claims.extend(leases.claim_expired("w", hold_s=5)))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [(cl.task_id, cl.payload) for cl in claims] == [("task-1", {"task": "x", "args": [1]})]
+    # The claim holds the lease; it does not delete it.
+    assert redis_client.hexists(c.LEASE_RECORDS, "task-1")
+    assert leases.expiry("task-1") is not None
+
+
+def test_a_claim_whose_resend_never_happened_is_claimed_again(redis_client) -> None:
+    leases = Leases(redis_client, ttl_s=0.2)
+    leases.take("task-1", {"task": "x"})
+    time.sleep(0.3)
+    first = leases.claim_expired("dead-watchdog", hold_s=0.2)
+    assert len(first) == 1
+    time.sleep(0.3)  # the claimer died before sending: nothing extended the claim
+    second = leases.claim_expired("live-watchdog", hold_s=5)
+    assert [cl.task_id for cl in second] == ["task-1"]
+    assert second[0].token != first[0].token
+
+
+def test_a_lease_belongs_to_one_delivery(redis_client) -> None:
+    leases = Leases(redis_client, ttl_s=5)
+    old = leases.take("task-1", {"task": "x"})
+    new = leases.take("task-1", {"task": "x"})  # a re-sent delivery takes it over
+    assert leases.renew({"task-1": old}) == ["task-1"]  # the old one learns it lost it
+    assert leases.release("task-1", old) is False  # and cannot release the new one's
+    assert leases.expiry("task-1") is not None
+    assert leases.renew({"task-1": new}) == []
+    assert leases.release("task-1", new) is True
+    assert leases.expiry("task-1") is None
+    assert leases.renew({"task-1": new}) == ["task-1"]  # released: renewal does not revive it
+    assert leases.expiry("task-1") is None
+
+
+def test_renewal_keeps_a_lease_alive(redis_client) -> None:
+    leases = Leases(redis_client, ttl_s=0.3)
+    token = leases.take("task-1", {"task": "x"})
+    for _ in range(4):
+        time.sleep(0.15)
+        assert leases.renew({"task-1": token}) == []
+    assert leases.claim_expired("w", hold_s=5) == []
+
+
+def test_extra_time_covers_a_retry_countdown(redis_client) -> None:
+    leases = Leases(redis_client, ttl_s=0.2)
+    leases.take("task-1", {"task": "x"}, extra_s=0.5)
+    time.sleep(0.3)
+    assert leases.claim_expired("w", hold_s=5) == []
+    time.sleep(0.5)
+    assert [cl.task_id for cl in leases.claim_expired("w", hold_s=5)] == ["task-1"]
+
+
+def test_expiries_are_on_the_redis_clock_not_the_hosts(redis_client, monkeypatch) -> None:
+    """A host whose clock is an hour fast must not expire anyone's lease early."""
+    leases = Leases(redis_client, ttl_s=30)
+    monkeypatch.setattr(time, "time", lambda: 4_000_000_000.0)  # this host's clock is wrong
+    leases.take("task-1", {"task": "x"})
+    seconds, micros = redis_client.time()
+    expiry = leases.expiry("task-1")
+    assert expiry is not None and abs(expiry - (seconds + micros / 1e6 + 30)) < 2
+    assert leases.claim_expired("w", hold_s=5) == []
+
+
+def test_image_lock_admits_one_delivery_and_knows_when_it_was_lost(redis_client) -> None:
+    key = f"lock:{uuid.uuid4()}"
+    mine, theirs = Holdings(), Holdings()
+    first = ImageLocks(redis_client, 0.3, mine)
+    second = ImageLocks(redis_client, 0.3, theirs)
+    lock = first.try_acquire(key)
+    assert lock is not None and first.still_held(lock)
+    assert second.try_acquire(key) is None
+    heartbeat = Heartbeat(Leases(redis_client, ttl_s=0.3), mine)
+    for _ in range(4):
+        time.sleep(0.15)
+        heartbeat.beat()
+    assert second.try_acquire(key) is None  # renewed: still held
+    time.sleep(0.4)  # frozen: nobody renews it
+    taken = second.try_acquire(key)
+    assert taken is not None
+    heartbeat.beat()  # the thawed holder's heartbeat finds out ...
+    assert not first.still_held(lock)  # ... and its delivery will not pay again
+    first.release(lock)  # and its release does not free the new holder's lock
+    assert second.still_held(taken)
+
+
+def test_heartbeat_reports_a_lease_taken_over(redis_client) -> None:
+    holdings = Holdings()
+    leases = Leases(redis_client, ttl_s=5)
+    holdings.hold_lease("task-1", leases.take("task-1", {"task": "x"}))
+    leases.take("task-1", {"task": "x"})  # another delivery of the same task
+    Heartbeat(leases, holdings).beat()
+    assert holdings.leases() == {}  # no longer ours: no longer renewed or released by us
+
+
+def test_deadlines_are_claimed_by_pushing_them_out_and_go_when_done(redis_client) -> None:
+    deadlines = Deadlines(redis_client)
+    seconds, _ = redis_client.time()
+    redis_client.zadd(c.DEADLINES, {"job-a": seconds - 1, "job-b": seconds + 60})
+    assert deadlines.claim_due(hold_s=0.3) == ["job-a"]
+    assert deadlines.claim_due(hold_s=0.3) == []  # held by the claimer
+    time.sleep(0.4)  # the claimer died before the result was stored
+    assert deadlines.claim_due(hold_s=30) == ["job-a"]
+    deadlines.done("job-a")
+    assert deadlines.due_at("job-a") is None
+    assert deadlines.due_at("job-b") is not None
+
+
+def test_watchdog_resends_and_a_failed_resend_is_retried(redis_client) -> None:
+    leases = Leases(redis_client, ttl_s=0.2)
+    leases.take("task-1", {"task": "x"})
+    sent: list[dict[str, Any]] = []
+    attempts = {"n": 0}
+
+    def resend(payload: dict[str, Any]) -> None:
+        attempts["n"] += 1
+        if attempts["n"] == 1:
+            raise ConnectionError("broker unreachable")
+        sent.append(payload)
+
+    watchdog = Watchdog(
+        leases,
+        Deadlines(redis_client),
+        resend=resend,
+        finalize_overdue=lambda job_id: None,
+        claimer="w",
+        queued_grace_s=60,
+    )
+    watchdog._claim_hold_s = 0.2  # a short hold, so the failed claim comes back quickly
+    time.sleep(0.3)
+    watchdog.patrol()
+    assert sent == [] and attempts["n"] == 1
+    time.sleep(0.3)
+    watchdog.patrol()
+    assert sent == [{"task": "x"}]
+    expiry = leases.expiry("task-1")
+    seconds, _ = redis_client.time()
+    assert expiry is not None and expiry > seconds + 50  # queued: covered for the grace
+
+
+def test_lease_renewal_never_waits_on_recovery_work(redis_client) -> None:
+    """The watchdog is busy for several lease lifetimes (a slow finalize); this process's
+    leases stay alive, because the heartbeat has a thread of its own."""
+    leases = Leases(redis_client, ttl_s=0.4)
+    holdings = Holdings()
+    holdings.hold_lease("mine", leases.take("mine", {"task": "x"}))
+    seconds, _ = redis_client.time()
+    redis_client.zadd(c.DEADLINES, {"slow-job": seconds - 1})
+    busy = threading.Event()
+
+    def slow_finalize(job_id: str) -> None:
+        busy.set()
+        time.sleep(1.5)
+
+    heartbeat = Heartbeat(leases, holdings)
+    watchdog = Watchdog(
+        leases,
+        Deadlines(redis_client),
+        resend=lambda payload: None,
+        finalize_overdue=slow_finalize,
+        claimer="w",
+        queued_grace_s=60,
+    )
+    tickers = [
+        Ticker("test_heartbeat", heartbeat.beat, 0.1),
+        Ticker("test_watchdog", watchdog.patrol, 0.1),
+    ]
+    for ticker in tickers:
+        ticker.start()
+    try:
+        wait_until(busy.is_set)
+        time.sleep(1.2)  # three lease lifetimes while the watchdog is stuck
+        assert holdings.leases() != {}
+        assert leases.claim_expired("someone-else", hold_s=5) == []
+    finally:
+        for ticker in tickers:
+            ticker.stop()

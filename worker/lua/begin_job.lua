@@ -1,0 +1,17 @@
+-- Record a job's plan, schedule its deadline and announce "started", once, in one step: a
+-- start that dies half-way can never leave a planned job without a deadline.
+-- KEYS[1] the job's meta hash, KEYS[2] the deadlines sorted set, KEYS[3] the job's event stream
+-- ARGV[1] job id, ARGV[2] total images, ARGV[3] scenes, ARGV[4] characters,
+-- ARGV[5] the planned images (JSON), ARGV[6] TTL of the meta hash (s),
+-- ARGV[7] seconds until the job's deadline, ARGV[8] the job's channel, ARGV[9] "started" event
+-- Returns 1 when this call began the job, 0 when an earlier delivery had.
+local now = server_now()
+if redis.call('HSETNX', KEYS[1], 'started_at', string.format('%.6f', now)) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'total_images', ARGV[2], 'scenes', ARGV[3],
+  'characters', ARGV[4], 'images', ARGV[5])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+redis.call('ZADD', KEYS[2], 'NX', now + tonumber(ARGV[7]), ARGV[1])
+announce(KEYS[3], ARGV[8], ARGV[9])
+return 1

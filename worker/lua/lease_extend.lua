@@ -1,0 +1,12 @@
+-- Push a lease's expiry out while its token is still the one on record: the watchdog does this
+-- once a claimed task is safely back on the broker (it may wait in the queue a while before a
+-- delivery takes the lease over), and a delivery does it when it hands its task to a retry.
+-- KEYS[1] the leases sorted set, KEYS[2] the lease records hash
+-- ARGV[1] task id, ARGV[2] token, ARGV[3] seconds from now
+-- Returns 1 when extended, 0 when the lease was not this token's.
+local record = redis.call('HGET', KEYS[2], ARGV[1])
+if record and string.sub(record, 1, #ARGV[2] + 1) == ARGV[2] .. ' ' then
+  redis.call('ZADD', KEYS[1], 'XX', server_now() + tonumber(ARGV[3]), ARGV[1])
+  return 1
+end
+return 0

@@ -1,0 +1,54 @@
+-- Record an image's final outcome unless one is recorded already, update the job's counts,
+-- tell whether the partial-success rule can still be met, and announce it, in one step.
+-- KEYS[1] the job's outcomes hash, KEYS[2] the job's counts hash, KEYS[3] the job's meta hash,
+-- KEYS[4] the job's event stream
+-- ARGV[1] image key, ARGV[2] outcome (JSON), ARGV[3] '1' if made, ARGV[4] image type
+-- ('scene' | 'character'), ARGV[5] TTL (s), ARGV[6] the job's channel, ARGV[7..] events to
+-- announce; their "completed_images" and "progress" are filled in here, so counts reach
+-- subscribers in the order outcomes landed.
+-- Returns {1, outcome, doomed_now} when recorded, {0, outcome on record, 0} otherwise;
+-- doomed_now is the reason ('scenes' | 'characters' | 'half') when this outcome is the one that
+-- made the job unable to pass, else 0.
+local images, counts, meta, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local image, outcome, ok, kind, ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+  tonumber(ARGV[5]), ARGV[6]
+if redis.call('HSETNX', images, image, outcome) == 0 then
+  return {0, redis.call('HGET', images, image), 0}
+end
+local finished = redis.call('HINCRBY', counts, 'finished', 1)
+local succeeded = tonumber(redis.call('HGET', counts, 'succeeded') or '0')
+if ok == '1' then
+  succeeded = redis.call('HINCRBY', counts, 'succeeded', 1)
+else
+  redis.call('HINCRBY', counts, 'failed_' .. kind, 1)
+end
+redis.call('EXPIRE', images, ttl)
+redis.call('EXPIRE', counts, ttl)
+
+local plan = redis.call('HMGET', meta, 'total_images', 'scenes', 'characters')
+local total, scenes, characters = tonumber(plan[1]), tonumber(plan[2]), tonumber(plan[3])
+local doomed_now = 0
+if ok ~= '1' and total and scenes and characters and succeeded < total then
+  local failed = finished - succeeded
+  local reason = nil
+  if tonumber(redis.call('HGET', counts, 'failed_scene') or '0') >= scenes then
+    reason = 'scenes'
+  elseif tonumber(redis.call('HGET', counts, 'failed_character') or '0') >= characters then
+    reason = 'characters'
+  elseif (total - failed) * 2 < total then
+    reason = 'half'
+  end
+  if reason and redis.call('HSETNX', meta, 'doomed', reason) == 1 then
+    doomed_now = reason
+  end
+end
+
+for i = 7, #ARGV do
+  local event = cjson.decode(ARGV[i])
+  if event.data.completed_images ~= nil then event.data.completed_images = succeeded end
+  if event.data.progress ~= nil then
+    event.data.progress = math.min(100, math.floor(finished * 100 / (total or finished)))
+  end
+  announce(stream, channel, cjson.encode(event))
+end
+return {1, outcome, doomed_now}

@@ -1,0 +1,289 @@
+"""Lost work is found in seconds and never lost on the way: the whole life of a delivery.
+
+A *delivery* is one run of one task message on one worker. Its life:
+
+1. It starts and takes its task's **lease** (``Leases.take``): a record in Redis of the message
+   to send again, with a token that is this delivery's alone and an expiry on the Redis clock.
+2. While it runs, its process's **heartbeat** renews its leases and image locks every
+   ``ttl / 4``, on a thread of its own that never waits on recovery work.
+3. An image delivery holds the image's **lock** (redis-py's ``Lock``, one token per delivery)
+   while it pays and uploads, so two deliveries of one image never run at once; a delivery
+   whose lock was taken over (it froze longer than the lock's life) stops before paying again.
+4. It ends one of three ways:
+   - done: it releases its lease, if the lease is still its own (a newer delivery of the same
+     task may have taken it over; then the release changes nothing);
+   - handed to a retry: the lease now carries the retry message and covers the countdown;
+   - abandoned (Redis unreachable, or its image lock lost): it keeps the lease and stops
+     renewing it, so the lease expires and the task is sent again.
+5. If its process dies, nothing renews its lease. The **watchdog** (a thread in every worker)
+   claims expired leases. A claim takes a lease over and gives it a short hold; it deletes
+   nothing. The watchdog sends the message again, then extends the lease to cover the wait in
+   the queue. A watchdog that dies or fails to send leaves the claim to expire and be claimed
+   again: the task cannot be lost between the claim and the re-send.
+6. Every job has a **deadline**, claimed by the watchdog the same way (pushed out, not
+   removed); the job is finalized with what exists, and the deadline goes only once the job's
+   result is stored.
+
+Every expiry is on the Redis server's clock (the scripts read ``TIME``), so hosts whose clocks
+disagree cannot expire each other's leases early.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import structlog
+from redis.exceptions import LockError, LockNotOwnedError
+from redis.lock import Lock
+
+from worker import constants as c
+from worker.crashpoints import crash_point
+from worker.scripts import register
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Claim:
+    task_id: str
+    token: str
+    payload: dict[str, Any]
+
+
+class Leases:
+    def __init__(self, client: redis.Redis, ttl_s: float) -> None:
+        self._redis = client
+        self.ttl_s = ttl_s
+        self._keys = [c.LEASES, c.LEASE_RECORDS]
+        self._hold = register(client, "lease_hold")
+        self._renew = register(client, "lease_renew")
+        self._release = register(client, "lease_release")
+        self._extend = register(client, "lease_extend")
+        self._claim = register(client, "lease_claim")
+
+    def take(self, task_id: str, payload: dict[str, Any], *, extra_s: float = 0.0) -> str:
+        """Take (or take over) a task's lease for a new holder; returns the holder's token."""
+        token = uuid.uuid4().hex
+        self._hold(
+            keys=self._keys, args=[task_id, token, json.dumps(payload), self.ttl_s + extra_s]
+        )
+        return token
+
+    def renew(self, held: dict[str, str]) -> list[str]:
+        """Renew ``{task_id: token}``; returns the task ids whose lease is no longer ours."""
+        if not held:
+            return []
+        pairs = [item for pair in held.items() for item in pair]
+        return [str(t) for t in self._renew(keys=self._keys, args=[self.ttl_s, *pairs])]
+
+    def release(self, task_id: str, token: str) -> bool:
+        return bool(self._release(keys=self._keys, args=[task_id, token]))
+
+    def extend(self, task_id: str, token: str, seconds: float) -> bool:
+        return bool(self._extend(keys=self._keys, args=[task_id, token, seconds]))
+
+    def claim_expired(self, claimer: str, *, hold_s: float, limit: int = 100) -> list[Claim]:
+        flat = self._claim(keys=self._keys, args=[limit, hold_s, claimer])
+        triples = zip(flat[0::3], flat[1::3], flat[2::3], strict=True)
+        return [Claim(str(t), str(k), json.loads(p)) for t, k, p in triples]
+
+    def expiry(self, task_id: str) -> float | None:
+        score = self._redis.zscore(c.LEASES, task_id)
+        return float(score) if score is not None else None
+
+
+class Deadlines:
+    """Job deadlines. They are scheduled with the job's plan (``begin_job.lua``), in one step."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        self._claim = register(client, "deadline_claim")
+
+    def claim_due(self, *, hold_s: float, limit: int = 50) -> list[str]:
+        return [str(j) for j in self._claim(keys=[c.DEADLINES], args=[limit, hold_s])]
+
+    def done(self, job_id: str) -> None:
+        self._redis.zrem(c.DEADLINES, job_id)
+
+    def due_at(self, job_id: str) -> float | None:
+        score = self._redis.zscore(c.DEADLINES, job_id)
+        return float(score) if score is not None else None
+
+
+class Holdings:
+    """What this process holds: its deliveries' lease tokens and image locks. The heartbeat
+    renews them; a lock the heartbeat finds taken over is dropped here, and its delivery sees
+    that before it pays again (``ImageLocks.still_held``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._leases: dict[str, str] = {}
+        self._image_locks: dict[str, Lock] = {}
+
+    def hold_lease(self, task_id: str, token: str) -> None:
+        with self._lock:
+            self._leases[task_id] = token
+
+    def drop_lease(self, task_id: str) -> str | None:
+        with self._lock:
+            return self._leases.pop(task_id, None)
+
+    def lease_token(self, task_id: str) -> str | None:
+        with self._lock:
+            return self._leases.get(task_id)
+
+    def leases(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._leases)
+
+    def hold_lock(self, lock: Lock) -> None:
+        with self._lock:
+            self._image_locks[str(lock.name)] = lock
+
+    def drop_lock(self, lock: Lock) -> None:
+        with self._lock:
+            self._image_locks.pop(str(lock.name), None)
+
+    def holds_lock(self, lock: Lock) -> bool:
+        with self._lock:
+            return self._image_locks.get(str(lock.name)) is lock
+
+    def locks(self) -> list[Lock]:
+        with self._lock:
+            return list(self._image_locks.values())
+
+
+class ImageLocks:
+    """One delivery at a time per image: redis-py's ``Lock`` with a token per delivery (not per
+    thread: the heartbeat renews it from its own thread)."""
+
+    def __init__(self, client: redis.Redis, ttl_s: float, holdings: Holdings) -> None:
+        self._redis = client
+        self.ttl_s = ttl_s
+        self._holdings = holdings
+
+    def try_acquire(self, key: str, wait_s: float = 0.0) -> Lock | None:
+        lock = Lock(self._redis, key, timeout=self.ttl_s, sleep=0.1, thread_local=False)
+        if not lock.acquire(blocking=wait_s > 0, blocking_timeout=wait_s or None):
+            return None
+        self._holdings.hold_lock(lock)
+        return lock
+
+    def is_held(self, job_id: str, image_key: str) -> bool:
+        """True while some delivery of the image holds its lock."""
+        return bool(self._redis.exists(c.JobKeys(job_id).image_lock(image_key)))
+
+    def still_held(self, lock: Lock) -> bool:
+        """True while this delivery's lock is its own, in Redis as well as here."""
+        return self._holdings.holds_lock(lock) and lock.owned()
+
+    def release(self, lock: Lock) -> None:
+        self._holdings.drop_lock(lock)
+        try:
+            lock.release()
+        except LockNotOwnedError:
+            log.warning("image_lock_was_taken_over", lock=str(lock.name))
+
+
+class Heartbeat:
+    """Renews this process's leases and image locks, on its own thread: nothing it waits on is
+    slower than a Redis round trip, so a slow recovery never lets a healthy lease expire."""
+
+    def __init__(self, leases: Leases, holdings: Holdings) -> None:
+        self._leases = leases
+        self._holdings = holdings
+        self.interval_s = max(0.5, leases.ttl_s / 4)
+
+    def beat(self) -> None:
+        held = self._holdings.leases()
+        for task_id in self._leases.renew(held):
+            # Taken over by a newer delivery of the task; that one holds it now.
+            if self._holdings.lease_token(task_id) == held[task_id]:
+                self._holdings.drop_lease(task_id)
+                log.warning("lease_taken_over", task_id=task_id)
+        for lock in self._holdings.locks():
+            try:
+                lock.reacquire()
+            except (LockNotOwnedError, LockError):
+                self._holdings.drop_lock(lock)
+                log.warning("image_lock_lost", lock=str(lock.name))
+
+
+class Watchdog:
+    """Sends again the tasks of expired leases and finalizes jobs past their deadline."""
+
+    def __init__(
+        self,
+        leases: Leases,
+        deadlines: Deadlines,
+        *,
+        resend: Callable[[dict[str, Any]], None],
+        finalize_overdue: Callable[[str], None],
+        claimer: str,
+        queued_grace_s: float,
+    ) -> None:
+        self._leases = leases
+        self._deadlines = deadlines
+        self._resend = resend
+        self._finalize_overdue = finalize_overdue
+        self._claimer = claimer
+        # How long a re-sent task may wait in the queue before it counts as lost again.
+        self._queued_grace_s = queued_grace_s
+        self.interval_s = max(0.5, leases.ttl_s / 4)
+        # Long enough to send a message, short enough that a failed re-send is retried soon.
+        self._claim_hold_s = max(5.0, leases.ttl_s)
+
+    def patrol(self) -> None:
+        for claim in self._leases.claim_expired(self._claimer, hold_s=self._claim_hold_s):
+            crash_point("watchdog.after_claim")
+            try:
+                self._resend(claim.payload)
+            except Exception as exc:
+                # The claim stays and expires again: the next patrol sends it.
+                log.error(
+                    "lost_task_resend_failed",
+                    task_id=claim.task_id,
+                    error=type(exc).__name__,
+                    retry_in_s=self._claim_hold_s,
+                )
+                continue
+            crash_point("watchdog.after_resend")
+            self._leases.extend(claim.task_id, claim.token, self._queued_grace_s)
+            log.warning("lost_task_resent", task_id=claim.task_id, task=claim.payload.get("task"))
+        for job_id in self._deadlines.claim_due(hold_s=max(60.0, self._claim_hold_s)):
+            self._finalize_overdue(job_id)
+
+
+class Ticker:
+    """Runs ``step`` every ``interval_s`` on a daemon thread until stopped; logs and survives
+    any error (Redis restarting, a bad payload)."""
+
+    def __init__(self, name: str, step: Callable[[], None], interval_s: float) -> None:
+        self._name, self._step, self._interval_s = name, step, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._step()
+            except redis.RedisError as exc:
+                log.warning(f"{self._name}_redis_unavailable", error=type(exc).__name__)
+            except Exception:
+                log.exception(f"{self._name}_failed")
