@@ -264,7 +264,11 @@ def test_a_job_whose_images_are_lost_for_good_ends_at_its_deadline(
     plan = load_plan("typical_2x2")
     job = Background(runner, plan)
     client = redis.Redis.from_url(broker.url, decode_responses=True)
-    wait_for(lambda: client.hlen(LEASE_RECORDS) >= 1, 30, "the first image to start")
+    wait_for(
+        lambda: any("generate_reference" in r for r in client.hvals(LEASE_RECORDS)),
+        30,
+        "the first image to start",
+    )
     client.delete("reference_generator")  # the three queued images vanish from the broker
     run = job.finish(60, tmp_path / "lonely.log")
 
