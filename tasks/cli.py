@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     gateway = commands.add_parser(
-        "gateway", help="serve job events (SSE, with replay), the live job page and /metrics"
+        "gateway",
+        help="serve job events (SSE, with replay), the job pages, the index and /metrics",
     )
     gateway.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     gateway.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -98,11 +99,9 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
             RunRequest(args.plan, args.duration_seconds, args.job_id, args.timeout), settings
         )
     if args.command == "gateway":
-        import uvicorn
+        from gateway.server import serve
 
-        from worker.gateway.app import create_app
-
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+        serve(settings, host=args.host, port=args.port)
         return 0
     from tasks.demo import DEFAULT_PLAN, demo
 

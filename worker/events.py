@@ -10,6 +10,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict
 
 from worker import constants as c
+from worker.job_index import JobIndex
 from worker.models import ImageType, Money
 
 log = structlog.get_logger(__name__)
@@ -132,11 +133,15 @@ _PUBLISH = ANNOUNCE_LUA + "announce(KEYS[1], ARGV[1], ARGV[2])\nreturn 0\n"
 
 
 class EventPublisher:
-    """Publishes job events. Takes a ready-made Redis client, so tests can hand it a fake."""
+    """Publishes job events. Takes a ready-made Redis client, so tests can hand it a fake.
 
-    def __init__(self, client: redis.Redis) -> None:
+    With an ``index``, every ``stage_update`` (a job's start, its end, a refusal) is also
+    noted in the index of recent jobs that the gateway's index page lists."""
+
+    def __init__(self, client: redis.Redis, index: JobIndex | None = None) -> None:
         self._redis = client
         self._publish = client.register_script(_PUBLISH)
+        self._index = index
 
     def publish(self, job_id: str, event: _Payload) -> None:
         message = encode(event)
@@ -145,3 +150,5 @@ class EventPublisher:
         except redis.RedisError as exc:
             # Progress is best effort: a lost event must not fail a paid image.
             log.warning("event_publish_failed", job_id=job_id, error=type(exc).__name__)
+        if self._index is not None and isinstance(event, StageStarted | StageFinished):
+            self._index.note_stage(job_id, event.model_dump(mode="json"))

@@ -12,6 +12,7 @@ from worker.budget import CostLedger
 from worker.deadlines import JobDeadlines
 from worker.events import EventPublisher
 from worker.generation import ImageGenerator, PredictionCheckpoints
+from worker.job_index import JobIndex
 from worker.jobs import JobStore
 from worker.leases import ImageLocks, LeaseBook
 from worker.metrics import JobMetrics
@@ -55,7 +56,7 @@ class Services:
             store=store,
             ledger=CostLedger(client, ttl_s=settings.job_state_ttl_s),
             jobs=jobs,
-            events=EventPublisher(client),
+            events=EventPublisher(client, JobIndex(client)),
             retention=Retention(
                 client,
                 store,

@@ -565,8 +565,9 @@ def test_the_build_context_holds_the_whole_package(tmp_path: Path) -> None:
         "tasks/app.py",
         "tasks/cli.py",
         "worker/settings.py",
-        "worker/gateway/app.py",
-        "worker/gateway/job.html",
+        "gateway/app.py",
+        "gateway/job.html",
+        "gateway/index.html",
     ):
         assert required in built, f"{required} would be missing from the image"
     entry_points = next(out.glob("*.egg-info")) / "entry_points.txt"
