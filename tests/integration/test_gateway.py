@@ -237,8 +237,10 @@ def test_the_index_lists_recent_jobs_with_links_to_their_pages(stack, load_plan)
     assert rows[running["job_id"]]["status"] == "running"
     assert rows[running["job_id"]]["images"] == "2 planned"
     order = list(rows)
-    assert order.index(running["job_id"]) < order.index(refused["job_id"]) < order.index(
-        partial["job_id"]
+    assert (
+        order.index(running["job_id"])
+        < order.index(refused["job_id"])
+        < order.index(partial["job_id"])
     )  # newest first
     page = httpx.get(f"{stack.url}{rows[partial['job_id']]['link']}")
     assert page.status_code == 200 and partial["job_id"] in page.text
