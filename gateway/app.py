@@ -90,6 +90,13 @@ class Gateway:
     async def _has_events(self, job_id: str) -> bool:
         return bool(await self._redis.exists(c.events_stream(job_id)))
 
+    async def _events_expired(self, job_id: str) -> bool:
+        """A finished job whose events are gone (a job starting has no events yet)."""
+        if await self._has_events(job_id):
+            return False
+        finished = await self._redis.exists(c.JobKeys(job_id).result, f"celery-task-meta-{job_id}")
+        return bool(finished)
+
     async def _known(self, job_id: str) -> bool:
         keys = c.JobKeys(job_id)
         found = await self._redis.exists(
@@ -121,15 +128,14 @@ class Gateway:
                 },
                 status_code=400,
             )
-        if not await self._has_events(job_id):
-            if await self._known(job_id):
-                detail = (
-                    f"the events of job {job_id} have expired (they are kept "
-                    f"{c.EVENTS_STREAM_TTL_S // 3600} h after the job's last event); its "
-                    "result is still readable by job id"
-                )
-            else:
-                detail = f"unknown job {job_id}"
+        if not await self._known(job_id):
+            return JSONResponse({"detail": f"unknown job {job_id}"}, status_code=404)
+        if await self._events_expired(job_id):
+            detail = (
+                f"the events of job {job_id} have expired (they are kept "
+                f"{c.EVENTS_STREAM_TTL_S // 3600} h after the job's last event); its result "
+                "is still readable by job id"
+            )
             return JSONResponse({"detail": detail}, status_code=404)
         stream = JobEventStream(self._streams, job_id, last_id)
         return EventSourceResponse(
@@ -148,7 +154,7 @@ class Gateway:
             )
         if not await self._known(job_id):
             return HTMLResponse(f"<h1>Unknown job</h1><p>{escape(job_id)}</p>", status_code=404)
-        expired = not await self._has_events(job_id)
+        expired = await self._events_expired(job_id)
         html = resources.files("gateway").joinpath("job.html").read_text("utf-8")
         html = html.replace("{{EVENTS_EXPIRED}}", "true" if expired else "false")
         return HTMLResponse(html.replace("{{JOB_ID}}", escape(job_id)))

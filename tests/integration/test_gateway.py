@@ -26,6 +26,7 @@ from tests.integration.gatewaykit import (
     running_gateway,
     wait_known,
 )
+from worker import constants as c
 from worker.events import (
     EventPublisher,
     ImageCompleted,
@@ -123,6 +124,19 @@ def test_bad_input_gets_a_clear_400_before_any_stream(stack, load_plan) -> None:
     assert rest.events == whole.events[3:]
     assert [(m["event_type"], m["data"]) for m in whole.messages] == run.events
     assert "Traceback" not in stack.log.read_text()
+
+
+def test_a_finished_job_whose_events_expired_says_so(stack, load_plan) -> None:
+    plan = load_plan("minimal_1x1")
+    stack.runner(plan)
+    client = redis.Redis.from_url(stack.runner.redis_url, decode_responses=True)
+    client.delete(c.events_stream(plan["job_id"]))  # what a day after the job does
+    client.close()
+    events = httpx.get(f"{stack.url}/jobs/{plan['job_id']}/events")
+    assert events.status_code == 404
+    assert "have expired" in events.json()["detail"]
+    page = httpx.get(f"{stack.url}/jobs/{plan['job_id']}")
+    assert page.status_code == 200 and "const eventsExpired = true;" in page.text
 
 
 def test_live_subscriber_gets_every_event_and_the_stream_ends(stack, load_plan) -> None:

@@ -89,3 +89,12 @@ def test_unreadable_summaries_are_skipped() -> None:
     assert JobSummary.parse("x", '{"status": "running", "total_images": "4"}') == JobSummary(
         job_id="x", status="running"
     )
+
+
+def test_a_lost_redis_never_fails_the_event_that_notes_a_job() -> None:
+    import fakeredis
+
+    server = fakeredis.FakeServer()
+    server.connected = False
+    client = fakeredis.FakeRedis(server=server, decode_responses=True)
+    EventPublisher(client, JobIndex(client)).publish("job-1", StageStarted())  # logged only
