@@ -234,12 +234,15 @@ def test_the_index_lists_recent_jobs_with_links_to_their_pages(stack, load_plan)
     stack.runner(refused, duration_seconds=0.001)
     running = load_plan("minimal_1x1")
     send(stack.runner, running)
-    wait_known(stack.url, running["job_id"])
-    time.sleep(0.2)  # its start is announced
-
-    reply = httpx.get(f"{stack.url}/")
-    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
-    rows = index_rows(reply.text)
+    deadline = time.monotonic() + 10
+    while True:  # until its start is announced (its images take 1.5 s)
+        reply = httpx.get(f"{stack.url}/")
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
+        rows = index_rows(reply.text)
+        if running["job_id"] in rows:
+            break
+        assert time.monotonic() < deadline, "the running job never showed"
+        time.sleep(0.05)
     assert rows[partial["job_id"]] == {
         "status": "partial",
         "images": "3/4",
@@ -272,13 +275,19 @@ def test_the_gateway_logs_its_address_and_one_line_per_request(stack, load_plan)
     image_url = run.result["scene_references"][0]["image_url"]
     signature = httpx.URL(image_url).params["signature"]
     assert httpx.get(image_url).status_code == 200
-    time.sleep(0.2)
 
-    lines = log_lines(stack.log)
-    misses = [x for x in lines if x["event"] == "http_request" and missing in x["path"]]
+    def requests(path_part: str) -> list[dict]:
+        lines = log_lines(stack.log)
+        return [x for x in lines if x["event"] == "http_request" and path_part in x["path"]]
+
+    deadline = time.monotonic() + 10  # a line is written once its response is sent
+    while not requests("/files/"):
+        assert time.monotonic() < deadline, stack.log.read_text()[-2000:]
+        time.sleep(0.05)
+    misses = requests(missing)
     assert len(misses) == 3
     assert {(x["method"], x["status"]) for x in misses} == {("GET", 404)}
-    served = [x for x in lines if x["event"] == "http_request" and x["path"].startswith("/files/")]
+    served = requests("/files/")
     assert served and served[-1]["status"] == 200 and served[-1]["bytes"] > 10_000
     text = stack.log.read_text()
     assert signature not in text and "signature=" not in text

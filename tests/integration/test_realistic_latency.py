@@ -72,18 +72,17 @@ def test_one_connection_carries_a_realistic_job_to_its_final_event(slow, load_pl
     plan = load_plan("minimal_1x1")  # two images of 9 s, side by side
     thread, box = start(slow, plan)
     sse = Sse()
-    opened = time.monotonic()
     with httpx.stream("GET", f"{slow.url}/jobs/{plan['job_id']}/events", timeout=60) as response:
         assert response.status_code == 200
         sse.read(response)
-    lasted = time.monotonic() - opened
     thread.join()
 
     assert sse.ended  # the server closed it, after the final event
     assert [(m["event_type"], m["data"]) for m in sse.messages] == box[0].events
     assert sse.messages[-1]["data"]["result_status"] == "success"
-    assert lasted >= LATENCY_S
-    # The images' quiet spell outlasted redis-py's default 5 s socket timeout...
+    # Events arrived live, across the images' quiet spell (opened as the job started, so the
+    # spell is a little shorter than an image), which outlasted redis-py's default 5 s
+    # socket timeout...
     assert sse.longest_quiet_s >= LATENCY_S - 1.5
     # ...and keep-alives filled it.
     assert sse.comments >= int((LATENCY_S - 1.5) / KEEPALIVE_S)
@@ -121,11 +120,13 @@ def test_the_page_never_shows_reconnecting_through_a_realistic_job(slow, load_pl
             page.add_init_script(RECORD_STATUS)
             page.goto(f"{slow.url}/jobs/{plan['job_id']}")
             seen: list[str] = []
-            deadline = time.monotonic() + 60
+            watched_from = time.monotonic()
+            deadline = watched_from + 60
             while not page.locator("body[data-finished=true]").count():
                 assert time.monotonic() < deadline, seen
                 seen.append(page.locator("[data-testid=status]").inner_text())
                 page.wait_for_timeout(250)
+            watched_s = time.monotonic() - watched_from
             statuses = page.evaluate("window.__statuses")
             assert page.locator("[data-testid=status]").inner_text().lower() == "success"
             assert page.locator("[data-testid=image]").count() == 2
@@ -134,5 +135,5 @@ def test_the_page_never_shows_reconnecting_through_a_realistic_job(slow, load_pl
     thread.join()
     everything = [s.lower() for s in statuses + seen]
     assert "running" in everything  # it was watched while the images were made
-    assert len(seen) >= int(LATENCY_S / 0.25) // 2  # and over the whole job
+    assert watched_s >= LATENCY_S - 1.5  # and through the images' quiet spell
     assert not [s for s in everything if "reconnecting" in s or "disconnected" in s]
