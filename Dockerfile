@@ -8,10 +8,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Everything the package is built from: its modules, celeryconfig.py, the README it declares as
-# its readme, and the gateway's job.html (package data of worker.gateway, pyproject.toml).
+# its readme, and the gateway's pages (package data of gateway, pyproject.toml).
 COPY pyproject.toml constraints.txt README.md celeryconfig.py ./
 COPY worker ./worker
 COPY tasks ./tasks
+COPY gateway ./gateway
 COPY examples ./examples
 RUN pip install -c constraints.txt . \
     && useradd --create-home --uid 10001 --user-group refgen \

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from tasks import exit_codes as ex
 from worker.errors import ConfigurationError
+
+
+def _job_id(value: str) -> str:
+    if value == "new":
+        return value
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a UUID (such as 550e8400-e29b-41d4-a716-446655440000) or 'new'"
+        ) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         "worker",
         help="run a Celery worker for these tasks",
         description="Run a Celery worker. Other options (--hostname, --concurrency, --pool, "
-        "...) go to `celery worker` as they are.",
+        "...) go to `celery worker` as they are. It refuses to start without the credentials "
+        "of the backends it would use (exit 5).",
     )
 
     commands.add_parser(
@@ -30,7 +44,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Run Celery beat. Other options go to `celery beat` as they are.",
     )
 
-    run = commands.add_parser("run", help="enqueue one job and wait for its result")
+    run = commands.add_parser(
+        "run",
+        help="enqueue one job and wait for its result",
+        description="Enqueue one job, show its progress on stderr and print its result JSON "
+        "(or null) on stdout. A job id that already has a result is not run again: its result "
+        "is shown, with the command that runs the plan again under a fresh id.",
+        epilog=ex.describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("plan", type=Path, help="a ScenePlan JSON file")
     run.add_argument(
         "--duration-seconds",
@@ -38,13 +60,21 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="video length; sets the budget (duration / 60 × $200)",
     )
-    run.add_argument("--job-id", default=None, help="override the plan's job_id")
+    run.add_argument(
+        "--job-id",
+        type=_job_id,
+        default=None,
+        metavar="UUID|new",
+        help="run under this job id instead of the plan's; it must be a UUID, or 'new' for a "
+        "fresh one (the way to run a plan again once its job id has a result)",
+    )
     run.add_argument(
         "--timeout", type=float, default=900.0, help="seconds to wait for the result (default 900)"
     )
 
     gateway = commands.add_parser(
-        "gateway", help="serve job events (SSE, with replay), the live job page and /metrics"
+        "gateway",
+        help="serve job events (SSE, with replay), the job pages, the index and /metrics",
     )
     gateway.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     gateway.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -61,12 +91,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args, extra)
-    except (ConfigurationError, ValidationError) as exc:
-        print(f"refgen: configuration error: {exc}", file=sys.stderr)
-        return 2
+    except ValidationError as exc:
+        print(f"refgen: configuration error: {_one_line(exc)}", file=sys.stderr)
+        return ex.CONFIGURATION
+    except ConfigurationError as exc:
+        print(f"refgen: configuration error: {exc.reason}", file=sys.stderr)
+        return ex.CONFIGURATION
+    except KeyboardInterrupt:
+        print("refgen: interrupted", file=sys.stderr)
+        return ex.INTERRUPTED
     except RuntimeError as exc:
         print(f"refgen: {exc}", file=sys.stderr)
         return 1
+
+
+def _one_line(error: ValidationError) -> str:
+    """Pydantic's report on the settings, as one line naming the environment variables."""
+    problems = []
+    for item in error.errors(include_url=False):
+        name = "_".join(str(part) for part in item.get("loc", ())).upper() or "settings"
+        message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(f"{name} {message}")
+    return "; ".join(problems)
 
 
 def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
@@ -74,6 +120,9 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
 
     settings = get_settings()
     if args.command == "worker":
+        # The one process that uses the generator and the store checks their settings here,
+        # before it takes a task; the others never need the credentials.
+        settings.check_backends()
         from tasks.app import app
 
         argv = [
@@ -98,11 +147,9 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
             RunRequest(args.plan, args.duration_seconds, args.job_id, args.timeout), settings
         )
     if args.command == "gateway":
-        import uvicorn
+        from gateway.server import serve
 
-        from worker.gateway.app import create_app
-
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+        serve(settings, host=args.host, port=args.port)
         return 0
     from tasks.demo import DEFAULT_PLAN, demo
 

@@ -1,10 +1,19 @@
-"""``refgen run``: send one job by name, show its progress, print its result."""
+"""``refgen run``: send one job by name, show its progress, print its result.
+
+Progress comes from the job's event stream (``refgen:events:{job_id}``), read from a cursor,
+not from pub/sub: pub/sub keeps nothing for a reader that is late, and a worker can refuse a
+job, announce it and store the result before this process reads anything. Reading the
+stream, the command sees every event published after it sent the job, in order, and it
+returns only once it has read them all.
+"""
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -13,13 +22,22 @@ from urllib.parse import urlsplit
 
 import redis
 
-from tasks.progress import ProgressView
+from tasks import exit_codes as ex
+from tasks.progress import ProgressView, summary
 from worker import constants as c
 from worker.errors import InvalidPlanError
 from worker.planning import plan_job
 from worker.settings import Settings
 
-EXIT_RESULT, EXIT_TEXT_ONLY, EXIT_INVALID, EXIT_BROKER, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+# A worker takes a job within milliseconds; this long without its "started" means none is
+# consuming the queue (or all are busy), which a person waiting should be told.
+NO_WORKER_AFTER_S = 5.0
+_READ_BLOCK_MS = 500
+_READ_BATCH = 200
+_RESULT_POLL_S = 1.0
+# The result is stored right after the final event; this is how long to wait for it.
+_RESULT_WAIT_S = 30.0
+NEW_JOB_ID = "new"
 
 
 @dataclass(frozen=True)
@@ -47,7 +65,9 @@ def load_plan(request: RunRequest, settings: Settings) -> dict[str, Any]:
         raise InvalidPlanError(f"{request.plan_path} is not JSON: {exc}") from None
     if not isinstance(plan, dict):
         raise InvalidPlanError(f"{request.plan_path} does not hold a JSON object")
-    if request.job_id is not None:
+    if request.job_id == NEW_JOB_ID:
+        plan["job_id"] = str(uuid.uuid4())
+    elif request.job_id is not None:
         plan["job_id"] = request.job_id
     plan_job(
         str(plan.get("job_id")),
@@ -59,6 +79,64 @@ def load_plan(request: RunRequest, settings: Settings) -> dict[str, Any]:
     return plan
 
 
+class JobEvents:
+    """The job's event stream, read forward from a cursor (exclusive)."""
+
+    def __init__(self, client: redis.Redis, job_id: str, after: str = "0-0") -> None:
+        self._redis = client
+        self._stream = c.events_stream(job_id)
+        self.cursor = after
+
+    def read(self, block_ms: int | None = None) -> list[str]:
+        """The next messages; waits up to ``block_ms`` for one when there are none."""
+        reply: Any = self._redis.xread(
+            {self._stream: self.cursor}, count=_READ_BATCH, block=block_ms
+        )
+        messages = []
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self.cursor = str(entry_id)
+                messages.append(str(fields.get("message", "{}")))
+        return messages
+
+    def drain(self) -> list[str]:
+        """Every message published so far and not yet read."""
+        messages: list[str] = []
+        while batch := self.read():
+            messages.extend(batch)
+        return messages
+
+
+@dataclass(frozen=True)
+class JobHistory:
+    """What the job's stream says about a job id before this command sends anything."""
+
+    last_id: str | None
+    stage: dict[str, Any] | None  # the latest stage_update's data
+
+    @property
+    def running(self) -> bool:
+        return self.stage is not None and self.stage.get("status") == "started"
+
+    @property
+    def refused(self) -> bool:
+        # A refused job may be sent again under its id: nothing of it ran.
+        return self.stage is not None and self.stage.get("result_status") in (
+            "refused",
+            "invalid",
+        )
+
+    @classmethod
+    def read(cls, client: redis.Redis, job_id: str) -> JobHistory:
+        entries: Any = client.xrevrange(c.events_stream(job_id), count=_READ_BATCH)
+        last_id = str(entries[0][0]) if entries else None
+        for _, fields in entries or []:
+            message = json.loads(fields.get("message", "{}"))
+            if message.get("event_type") == c.EVENT_STAGE_UPDATE:
+                return cls(last_id, message.get("data") or {})
+        return cls(last_id, None)
+
+
 def run(request: RunRequest, settings: Settings) -> int:
     try:
         plan = load_plan(request, settings)
@@ -66,10 +144,10 @@ def run(request: RunRequest, settings: Settings) -> int:
         print(f"refgen: invalid plan: {exc.reason}", file=sys.stderr)
         for detail in exc.details[1:]:
             print(f"  {detail}", file=sys.stderr)
-        return EXIT_INVALID
+        return ex.INVALID
     job_id = str(plan["job_id"])
     client = redis.Redis.from_url(
-        settings.redis_url, decode_responses=True, socket_connect_timeout=3, socket_timeout=5
+        settings.redis_url, decode_responses=True, socket_connect_timeout=3, socket_timeout=10
     )
     try:
         client.ping()
@@ -77,7 +155,7 @@ def run(request: RunRequest, settings: Settings) -> int:
         print(
             f"refgen: cannot reach Redis at {safe_url(settings.redis_url)}: {exc}", file=sys.stderr
         )
-        return EXIT_BROKER
+        return ex.BROKER
 
     # Celery is imported only once the plan is good: a bad file fails fast.
     from tasks.app import app
@@ -85,46 +163,137 @@ def run(request: RunRequest, settings: Settings) -> int:
     # A client should not sit in the result backend's retry loop while the broker is away;
     # it has its own, bounded, grace period.
     app.conf.result_backend_max_retries = 2
-
-    channel = c.events_channel(job_id)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-    # Subscribe before sending: pub/sub keeps nothing for late listeners.
-    pubsub.subscribe(channel)
-    app.send_task(
-        c.TASK_START,
-        kwargs={"job_id": job_id, "plan": plan, "duration_seconds": request.duration_seconds},
-    )
     view = ProgressView()
-    result = app.AsyncResult(job_id)
-    deadline = time.monotonic() + request.timeout_s
-    next_poll = 0.0
     try:
-        while time.monotonic() < deadline:
-            try:
-                message = pubsub.get_message(timeout=0.5)
-                if message is not None:
-                    view.handle(message["data"])
-                now = time.monotonic()
-                # Events can be missed (a duplicate job, a broker restart): the result is
-                # the truth.
-                if view.finished or now >= next_poll:
-                    next_poll = now + 1.0
-                    if result.ready():
-                        return _print_result(result.get(timeout=10))
-            except (redis.RedisError, OSError):
-                if not _wait_for_redis(client, settings.redis_url, settings.broker_grace_s):
-                    return EXIT_BROKER
-                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-                pubsub.subscribe(channel)
+        result = app.AsyncResult(job_id)
+        history = JobHistory.read(client, job_id)
+        if result.ready() and not history.refused:
+            return _already_ran(request, job_id, history, result.get(timeout=10))
+        if history.running and not result.ready():
+            view.say(f"job {job_id} is already running; following it")
+            cursor = "0-0"
+        else:
+            if result.ready():
+                # A refusal's null answer gives way to this run's.
+                result.forget()
+            cursor = history.last_id or "0-0"
+            app.send_task(
+                c.TASK_START,
+                kwargs={
+                    "job_id": job_id,
+                    "plan": plan,
+                    "duration_seconds": request.duration_seconds,
+                },
+            )
+            view.say(f"sent job {job_id} to {safe_url(settings.redis_url)}")
+        return follow(
+            app,
+            JobEvents(client, job_id, cursor),
+            job_id,
+            view,
+            timeout_s=request.timeout_s,
+            settings=settings,
+            client=client,
+        )
+    except KeyboardInterrupt:
+        view.close()
         print(
-            f"refgen: no result for job {job_id} after {request.timeout_s:g} s; "
-            "it may still finish (read it by job id)",
+            f"refgen: interrupted; job {job_id} stays queued or running (run the same "
+            "command again to follow it or to see its result)",
             file=sys.stderr,
         )
-        return EXIT_TIMEOUT
+        return ex.INTERRUPTED
+    except redis.RedisError as exc:
+        print(
+            f"refgen: lost Redis at {safe_url(settings.redis_url)}: {type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return ex.BROKER
     finally:
         view.close()
-        pubsub.close()
+
+
+def follow(
+    app: Any,
+    events: JobEvents,
+    job_id: str,
+    view: ProgressView,
+    *,
+    timeout_s: float,
+    settings: Settings,
+    client: redis.Redis,
+    no_worker_after_s: float = NO_WORKER_AFTER_S,
+) -> int:
+    """Show the job's events until its final one, then print its result.
+
+    The result is also polled: should events be lost (a Redis restart without persistence),
+    the result still ends the wait — but only after every event already published is read,
+    so that a refusal's reason is always shown."""
+    from celery.exceptions import TimeoutError as ResultTimeout
+
+    result = app.AsyncResult(job_id)
+    started = time.monotonic()
+    deadline = started + timeout_s
+    next_poll = 0.0
+    warned = False
+    while time.monotonic() < deadline:
+        try:
+            for message in events.read(block_ms=_READ_BLOCK_MS):
+                view.handle(message)
+            now = time.monotonic()
+            if not view.finished and now >= next_poll:
+                next_poll = now + _RESULT_POLL_S
+                if result.ready():
+                    for message in events.drain():
+                        view.handle(message)
+                    return _print_result(result.get(timeout=_RESULT_WAIT_S), view)
+            if view.finished:
+                return _print_result(result.get(timeout=_RESULT_WAIT_S), view)
+            if not warned and not view.started and now - started >= no_worker_after_s:
+                warned = True
+                view.say(_no_worker_message(app, job_id, now - started, settings))
+        except (redis.RedisError, OSError):
+            if not _wait_for_redis(client, settings.redis_url, settings.broker_grace_s):
+                return ex.BROKER
+        except ResultTimeout:
+            break
+    view.say(
+        f"refgen: no result for job {job_id} after {timeout_s:g} s; "
+        "it may still finish (read it by job id)"
+    )
+    return ex.TIMEOUT
+
+
+def _no_worker_message(app: Any, job_id: str, waited_s: float, settings: Settings) -> str:
+    try:
+        workers = len(app.control.ping(timeout=1.0) or [])
+    except Exception:  # a broker hiccup must not end the wait; the loop handles Redis
+        workers = 0
+    where = safe_url(settings.redis_url)
+    if workers:
+        return (
+            f"refgen: no worker has taken job {job_id} after {waited_s:.0f} s; {workers} "
+            f"worker(s) answer on {where}, busy with other work; still waiting"
+        )
+    return (
+        f"refgen: no worker has taken job {job_id} after {waited_s:.0f} s and none answers on "
+        f"{where}; start one (`refgen worker`) with the same REDIS_URL. Still waiting"
+    )
+
+
+def _already_ran(request: RunRequest, job_id: str, history: JobHistory, result: Any) -> int:
+    how = summary(history.stage) if history.stage else "its events have expired"
+    again = ["refgen", "run", str(request.plan_path)]
+    if request.duration_seconds is not None:
+        again += ["--duration-seconds", f"{request.duration_seconds:g}"]
+    again += ["--job-id", NEW_JOB_ID]
+    print(
+        f"refgen: job {job_id} has already run ({how}); its result is below and nothing was "
+        f"sent.\nrefgen: to run the plan again under a fresh job id: {shlex.join(again)}",
+        file=sys.stderr,
+    )
+    print(json.dumps(result, indent=2, default=_json_default))
+    return ex.RESULT if result is not None else ex.TEXT_ONLY
 
 
 def _wait_for_redis(client: redis.Redis, url: str, grace_s: float) -> bool:
@@ -149,9 +318,10 @@ def _wait_for_redis(client: redis.Redis, url: str, grace_s: float) -> bool:
     return False
 
 
-def _print_result(result: Any) -> int:
+def _print_result(result: Any, view: ProgressView) -> int:
+    view.close()
     print(json.dumps(result, indent=2, default=_json_default))
-    return EXIT_RESULT if result is not None else EXIT_TEXT_ONLY
+    return ex.RESULT if result is not None else ex.TEXT_ONLY
 
 
 def _json_default(value: object) -> str:

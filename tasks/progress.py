@@ -1,11 +1,14 @@
 """What ``refgen run`` shows on stderr while a job runs: a rich progress bar on a terminal
-(images done, retries, failures, cost), and plain lines when not a terminal."""
+(images done, retries, failures, cost), and plain lines when not a terminal.
+
+Counts are kept per image, so an event seen twice counts once, and the bar only moves
+forward: what it shows is the most images ever seen finished."""
 
 from __future__ import annotations
 
 import json
 import sys
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -18,9 +21,13 @@ class ProgressView:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.total: int | None = None
-        self.done = self.failed = self.retries = 0
-        self.cost = Decimal(0)
-        self.finished = False
+        self.started = False
+        self.final: dict[str, Any] | None = None  # the final stage_update's data
+        self.error: dict[str, Any] | None = None  # the last error event's data
+        self._outcomes: dict[str, bool] = {}  # image key -> made
+        self._costs: dict[str, Decimal] = {}
+        self._retries: set[tuple[str, object]] = set()
+        self._completed = 0
         self._bar: Progress | None = None
         self._task: Any = None
         if self.stream.isatty():
@@ -45,27 +52,59 @@ class ProgressView:
     def interactive(self) -> bool:
         return self._bar is not None
 
+    @property
+    def finished(self) -> bool:
+        return self.final is not None
+
+    @property
+    def done(self) -> int:
+        return sum(1 for made in self._outcomes.values() if made)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for made in self._outcomes.values() if not made)
+
+    @property
+    def retries(self) -> int:
+        return len(self._retries)
+
+    @property
+    def cost(self) -> Decimal:
+        return sum(self._costs.values(), Decimal(0))
+
+    @property
+    def completed(self) -> int:
+        """Images finished, made or failed, as the bar shows them: it never goes back."""
+        return self._completed
+
+    def say(self, line: str) -> None:
+        """A line of our own, above the bar when there is one."""
+        if self._bar is not None:
+            self._bar.console.print(line, highlight=False, markup=False)
+        else:
+            print(line, file=self.stream, flush=True)
+
     def handle(self, raw: str) -> None:
         try:
             message = json.loads(raw)
             event_type, data = message["event_type"], message["data"]
         except (ValueError, KeyError, TypeError):
             return
+        if not isinstance(data, dict):
+            return
         self._update(event_type, data)
-        line = describe(event_type, data)
+        line = describe(event_type, data, self.error)
+        if line:
+            self.say(line)
         if self._bar is not None:
-            if line:
-                self._bar.console.print(line, highlight=False, markup=False)
             self._bar.update(
                 self._task,
                 total=self.total,
-                completed=self.done + self.failed,
+                completed=self.completed,
                 failed=self.failed,
                 retries=self.retries,
                 cost=str(self.cost),
             )
-        elif line:
-            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -74,29 +113,33 @@ class ProgressView:
     def _update(self, event_type: str, data: dict[str, Any]) -> None:
         if data.get("total_images"):
             self.total = int(data["total_images"])
+        key = f"{data.get('image_type')}_{data.get('image_id')}"
         if event_type == c.EVENT_IMAGE_COMPLETE:
-            self.done += 1
-            self.cost += Decimal(str(data.get("cost", "0")))
+            # The first outcome announced for an image is its outcome (the worker records one).
+            if self._outcomes.setdefault(key, True):
+                self._costs.setdefault(key, _money(data.get("cost")))
         elif event_type == c.EVENT_IMAGE_FAILED:
-            self.failed += 1
+            self._outcomes.setdefault(key, False)
         elif event_type == c.EVENT_IMAGE_RETRY:
-            self.retries += 1
-        elif event_type == c.EVENT_ERROR or (
-            event_type == c.EVENT_STAGE_UPDATE and data.get("status") in ("completed", "failed")
-        ):
-            self.finished = True
+            self._retries.add((key, data.get("retry_count")))
+        elif event_type == c.EVENT_ERROR:
+            self.error = data
+        elif event_type == c.EVENT_STAGE_UPDATE:
+            if data.get("status") == "started":
+                self.started = True
+            elif data.get("status") in ("completed", "failed"):
+                self.final = data
+        self._completed = max(self._completed, len(self._outcomes))
 
 
-def describe(event_type: str, data: dict[str, Any]) -> str | None:
+def describe(
+    event_type: str, data: dict[str, Any], error: dict[str, Any] | None = None
+) -> str | None:
     image = f"{data.get('image_type')} {data.get('image_id')}"
     if event_type == c.EVENT_STAGE_UPDATE:
         if data.get("status") == "started":
             return f"started: {data.get('total_images', '?')} images"
-        return (
-            f"{data.get('status')}: {data.get('successful_images')}/"
-            f"{data.get('total_images')} images, ${data.get('total_cost')}, "
-            f"{data.get('total_time')} s ({data.get('result_status')})"
-        )
+        return summary(data, error)
     if event_type == c.EVENT_IMAGE_START:
         return f"generating {image} ({data.get('current_image')}/{data.get('total_images')})"
     if event_type == c.EVENT_IMAGE_RETRY:
@@ -111,3 +154,41 @@ def describe(event_type: str, data: dict[str, Any]) -> str | None:
     if event_type == c.EVENT_ERROR:
         return f"error: {data.get('reason')}"
     return None
+
+
+def summary(final: dict[str, Any], error: dict[str, Any] | None = None) -> str:
+    """One line that says how a job ended, from its final ``stage_update`` (and the ``error``
+    event before it, which holds a refusal's reason and figures)."""
+    status = final.get("result_status")
+    made, total = final.get("successful_images"), final.get("total_images")
+    spent = f"${final.get('total_cost')}, {final.get('total_time')} s"
+    reason = (error or {}).get("reason")
+    if status == "refused":
+        figures = error or {}
+        if figures.get("estimated_cost") is not None and figures.get("limit") is not None:
+            spent_before = _money(figures.get("spent"))
+            return (
+                f"refused for budget: {figures.get('image_count', '?')} images are estimated at "
+                f"${figures['estimated_cost']}, over the job's limit of ${figures['limit']}"
+                + (f" (${figures['spent']} already spent)" if spent_before else "")
+                + "; nothing was generated or charged (text-only)"
+            )
+        return f"refused: {reason or 'see the error above'}; nothing was generated or charged"
+    if status == "invalid":
+        return f"invalid plan: {reason or 'see the error above'}; nothing was generated or charged"
+    if status == "text_only":
+        return (
+            f"text-only: {made} of {total} images made, too few for reference images (the "
+            f"rule: at least half, with a scene and a character); {spent}"
+        )
+    if status == "partial":
+        failed = final.get("failed_images")
+        return f"completed: {made}/{total} images, {spent} (partial: {failed} failed)"
+    return f"{final.get('status')}: {made}/{total} images, {spent} ({status})"
+
+
+def _money(value: object) -> Decimal:
+    try:
+        return Decimal(str(value if value is not None else "0"))
+    except InvalidOperation:
+        return Decimal(0)

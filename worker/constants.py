@@ -77,6 +77,15 @@ def events_stream(job_id: str) -> str:
 EVENTS_STREAM_MAXLEN: Final = 2000
 EVENTS_STREAM_TTL_S: Final = 24 * 3600
 
+# Recent jobs, for the gateway's index page: job ids scored by when they were first seen, and
+# a summary of each (status, images, cost, times). The hash tag keeps both in one cluster slot
+# for the Lua script that writes them. Bounded both ways: at most this many jobs, and none
+# older than its events (the page a row links to shows nothing once they are gone).
+JOB_INDEX: Final = "refgen:{jobs}:recent"
+JOB_INDEX_SUMMARIES: Final = "refgen:{jobs}:summaries"
+JOB_INDEX_MAX_ENTRIES: Final = 500
+JOB_INDEX_TTL_S: Final = EVENTS_STREAM_TTL_S
+
 
 # Cluster-wide keys (README: Reliability, Scaling).
 LEASES: Final = "refgen:leases"  # sorted set: task id → lease expiry (server clock)

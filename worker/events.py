@@ -10,6 +10,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict
 
 from worker import constants as c
+from worker.job_index import JobIndex
 from worker.models import ImageType, Money
 from worker.scripts import register
 
@@ -117,11 +118,15 @@ def encode(event: _Payload) -> str:
 class EventPublisher:
     """Publishes job events: each is appended to the job's stream and published on its channel
     in one step (``announce`` in ``worker/lua/prelude.lua``), so the replayed order is the live
-    order. Takes a ready-made Redis client, so tests can hand it a fake."""
+    order. Takes a ready-made Redis client, so tests can hand it a fake.
 
-    def __init__(self, client: redis.Redis) -> None:
+    With an ``index``, a ``stage_update`` it publishes (a refusal) is also noted in the index
+    of recent jobs; a job's start and end are noted in their own Lua calls."""
+
+    def __init__(self, client: redis.Redis, index: JobIndex | None = None) -> None:
         self._redis = client
         self._publish = register(client, "publish")
+        self._index = index
 
     def publish(self, job_id: str, event: _Payload) -> None:
         message = encode(event)
@@ -130,3 +135,5 @@ class EventPublisher:
         except redis.RedisError as exc:
             # Progress is best effort: a lost event must not fail a paid image.
             log.warning("event_publish_failed", job_id=job_id, error=type(exc).__name__)
+        if self._index is not None and isinstance(event, StageStarted | StageFinished):
+            self._index.note_stage(job_id, event.model_dump(mode="json"))

@@ -88,7 +88,13 @@ class JobStore:
         scenes = sum(1 for i in images if i.image_type == "scene")
         planned = json.dumps([i.model_dump(mode="json") for i in images])
         began = self._begin(
-            keys=[keys.meta, c.DEADLINES, c.events_stream(job_id)],
+            keys=[
+                keys.meta,
+                c.DEADLINES,
+                c.events_stream(job_id),
+                c.JOB_INDEX,
+                c.JOB_INDEX_SUMMARIES,
+            ],
             args=[
                 job_id,
                 len(images),
@@ -201,7 +207,15 @@ class JobStore:
         committed, and the committed result: this call's, or an earlier finalize's."""
         keys = c.JobKeys(job_id)
         is_new, stored = self._commit(
-            keys=[keys.result, keys.meta, c.events_stream(job_id), c.RETENTION_INDEX, c.METRICS],
+            keys=[
+                keys.result,
+                keys.meta,
+                c.events_stream(job_id),
+                c.RETENTION_INDEX,
+                c.METRICS,
+                c.JOB_INDEX,
+                c.JOB_INDEX_SUMMARIES,
+            ],
             args=[
                 commit.result_json,
                 self._ttl,

@@ -48,19 +48,21 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def renderer(settings: Settings) -> structlog.typing.Processor:
+    """How a line is written: JSON for log shippers, key=value for people."""
+    if settings.log_format == "json":
+        return structlog.processors.JSONRenderer()
+    return structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=False)
+
+
 def configure_logging(settings: Settings) -> None:
     """Idempotent: safe to call from each worker process and from the CLI."""
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if settings.log_format == "json"
-        else structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=False)
-    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            renderer(settings),
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(

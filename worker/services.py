@@ -11,6 +11,7 @@ from redis.retry import Retry
 from worker.budget import CostLedger
 from worker.events import EventPublisher
 from worker.generation import ImageGenerator, PredictionCheckpoints
+from worker.job_index import JobIndex
 from worker.jobs import JobStore
 from worker.metrics import JobMetrics
 from worker.recovery import Deadlines, Holdings, ImageLocks, Leases
@@ -58,7 +59,7 @@ class Services:
             store_readiness=StoreReadiness(store),
             ledger=CostLedger(client, ttl_s=settings.job_state_ttl_s),
             jobs=jobs,
-            events=EventPublisher(client),
+            events=EventPublisher(client, JobIndex(client)),
             retention=Retention(
                 client,
                 store,

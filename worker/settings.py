@@ -6,8 +6,9 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker import constants as c
@@ -31,6 +32,9 @@ _PLACEHOLDER_MARKERS = (
     "todo",
     "replace",
 )
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _is_placeholder(value: str) -> bool:
@@ -118,12 +122,31 @@ class Settings(BaseSettings):
             raise ValueError("looks like a placeholder; set the real secret or leave it unset")
         return value
 
-    @model_validator(mode="after")
-    def _check_backends(self) -> Settings:
-        # Resolving here makes a bad combination a start-up error, not a failure mid-job.
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_has_a_scheme(cls, value: str) -> str:
+        # redis-py accepts only URLs; "localhost:6379" would otherwise fail deep inside a
+        # client with a traceback, in whichever process first connects.
+        parts = urlsplit(value.strip())
+        try:
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            raise ValueError(f"has a port that is not a number: {value!r}") from None
+        if parts.scheme not in _REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
+            raise ValueError(
+                f"must be a URL such as redis://localhost:6379/0, not {value!r} "
+                f"(schemes: {', '.join(_REDIS_SCHEMES)})"
+            )
+        return value.strip()
+
+    def check_backends(self) -> None:
+        """Raise ``ConfigurationError`` unless the backends this process will use can work.
+
+        Only the worker uses the generator and the store, so only the worker calls this (at
+        start-up, before it takes a task): beat, Flower, the gateway and ``refgen run`` need
+        Redis alone and never see the backends' credentials."""
         self.resolved_generator_backend()
         self.resolved_storage_backend()
-        return self
 
     @property
     def model_version(self) -> str:

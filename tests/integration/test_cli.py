@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
+import termios
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import redis
 
-from tasks.harness import JobRunner, WorkerProcess, base_worker_env
+from tasks import exit_codes
+from tasks.client import JobEvents, JobHistory, follow
+from tasks.harness import JobRunner, WorkerProcess, bare_client, base_worker_env
 from tasks.localredis import RedisServer, free_port
+from tasks.progress import ProgressView
+from tests.integration.conftest import DOOMED
+from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +55,10 @@ def write(tmp_path: Path, plan: object) -> Path:
     return path
 
 
+def done_id(done: subprocess.CompletedProcess[str]) -> str:
+    return json.loads(done.stdout)["job_id"]
+
+
 def test_run_prints_the_result_and_plain_progress(worker, client_env, load_plan, tmp_path) -> None:
     done = refgen(
         "run",
@@ -55,7 +70,8 @@ def test_run_prints_the_result_and_plain_progress(worker, client_env, load_plan,
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "success"
     lines = done.stderr.splitlines()
-    assert lines[0] == "started: 4 images"
+    assert lines[0].startswith(f"sent job {done_id(done)} to redis://127.0.0.1:")
+    assert lines[1] == "started: 4 images"
     assert any(line.startswith("done scene city_street in ") for line in lines)
     assert lines[-1].startswith("completed: 4/4 images")
     assert "\x1b[" not in done.stderr  # not a terminal: no bar, no escape codes
@@ -78,7 +94,11 @@ def test_run_exit_codes(worker, client_env, load_plan, tmp_path) -> None:
         env=client_env,
     )
     assert (too_poor.returncode, too_poor.stdout.strip()) == (1, "null")
-    assert "Budget exceeded" in too_poor.stderr
+    assert "error: Budget exceeded" in too_poor.stderr
+    assert too_poor.stderr.splitlines()[-1].startswith(
+        "refused for budget: 4 images are estimated at $0.024, over the job's limit of $"
+    )
+    assert "0/0" not in too_poor.stderr
 
 
 def test_run_says_clearly_when_redis_cannot_be_reached(load_plan, tmp_path) -> None:
@@ -171,3 +191,209 @@ def test_run_on_a_terminal_shows_a_progress_bar(worker, client_env, load_plan, t
     assert "━" in text  # rich's bar
     assert "4/4" in text and "retries 0" in text and "$0.02" in text
     assert "done scene city_street" in text  # lines still scroll above the bar
+
+
+def test_run_says_what_a_text_only_job_came_to(worker, client_env, load_plan, tmp_path) -> None:
+    plan = load_plan("typical_2x2")
+    plan["scenes"][0]["id"], plan["scenes"][1]["id"] = DOOMED  # no scene: text-only
+    done = refgen("run", str(write(tmp_path, plan)), env=client_env)
+    assert (done.returncode, done.stdout.strip()) == (1, "null")
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("text-only: 2 of 4 images made, too few for reference images")
+    assert "failed: 2/4" not in done.stderr
+
+
+def test_run_prints_the_budget_reason_even_when_the_result_lands_first(
+    worker, redis_server, load_plan
+) -> None:
+    """A worker can refuse a job, announce it and store the result before `refgen run` reads
+    anything (13 of 40 times under CPU load). Here that order is made certain: the result is
+    in before the command's reading starts, from where it stood when it sent the job."""
+    plan = load_plan("typical_2x2")
+    job_id = plan["job_id"]
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    app = bare_client(redis_server.url)
+    cursor = JobHistory.read(client, job_id).last_id or "0-0"
+    app.send_task(
+        "reference_generator.start",
+        kwargs={"job_id": job_id, "plan": plan, "duration_seconds": 0.001},
+    )
+    assert app.AsyncResult(job_id).get(timeout=30) is None  # refused, and stored
+    shown = io.StringIO()
+    code = follow(
+        app,
+        JobEvents(client, job_id, cursor),
+        job_id,
+        ProgressView(shown),
+        timeout_s=30,
+        settings=Settings(redis_url=redis_server.url),
+        client=client,
+    )
+    client.close()
+    assert code == exit_codes.TEXT_ONLY
+    lines = shown.getvalue().splitlines()
+    assert lines[0].startswith("error: Budget exceeded: this job is estimated at $0.024")
+    assert lines[-1].startswith("refused for budget: 4 images are estimated at $0.024")
+
+
+def test_a_job_id_that_has_a_result_is_shown_not_run_again(
+    worker, client_env, load_plan, tmp_path
+) -> None:
+    plan = load_plan("minimal_1x1")
+    path = write(tmp_path, plan)
+    first = refgen("run", str(path), env=client_env)
+    assert first.returncode == 0, first.stderr
+
+    again = refgen("run", str(path), env=client_env)
+    assert again.returncode == 0
+    assert json.loads(again.stdout) == json.loads(first.stdout)
+    assert f"job {plan['job_id']} has already run (completed: 2/2 images" in again.stderr
+    assert "nothing was sent" in again.stderr
+    assert f"refgen run {path} --job-id new" in again.stderr
+    assert "started:" not in again.stderr
+
+    fresh = refgen("run", str(path), "--job-id", "new", env=client_env)
+    assert fresh.returncode == 0, fresh.stderr
+    fresh_id = json.loads(fresh.stdout)["job_id"]
+    assert fresh_id != plan["job_id"]
+    assert f"sent job {fresh_id}" in fresh.stderr and "started: 2 images" in fresh.stderr
+
+
+def test_a_refused_job_id_is_sent_again_and_shows_only_its_new_events(
+    worker, client_env, load_plan, tmp_path
+) -> None:
+    """A refusal leaves nothing run, so its job id is not "already run": it is sent again."""
+    plan = load_plan("minimal_1x1")
+    path = write(tmp_path, plan)
+    first = refgen("run", str(path), "--duration-seconds", "0.001", env=client_env)
+    assert first.returncode == 1 and "refused for budget" in first.stderr
+    again = refgen("run", str(path), "--duration-seconds", "0.001", env=client_env)
+    assert again.returncode == 1
+    assert again.stderr.startswith(f"sent job {plan['job_id']}")
+    assert again.stderr.count("error: Budget exceeded") == 1  # not the first run's too
+    assert "has already run" not in again.stderr
+
+
+def test_a_refused_job_id_runs_when_sent_again_corrected(
+    worker, client_env, load_plan, tmp_path
+) -> None:
+    path = write(tmp_path, load_plan("minimal_1x1"))
+    refused = refgen("run", str(path), "--duration-seconds", "0.001", env=client_env)
+    assert refused.returncode == 1 and "refused for budget" in refused.stderr
+    corrected = refgen("run", str(path), "--duration-seconds", "180", env=client_env)
+    assert corrected.returncode == 0, corrected.stderr
+    assert json.loads(corrected.stdout)["status"] == "success"
+    assert "started: 2 images" in corrected.stderr
+    assert "refused" not in corrected.stderr  # only this run's events
+
+
+def test_run_says_when_no_worker_takes_the_job_and_keeps_waiting(load_plan, tmp_path) -> None:
+    with RedisServer() as broker:
+        env = {
+            **base_worker_env(broker.url, tmp_path / "store"),
+            "GENERATOR_BACKEND": "local",
+            "STORAGE_BACKEND": "local",
+            "LOCAL_GENERATOR_LATENCY_S": "0.2",
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tasks.cli", "run", str(write(tmp_path, load_plan()))],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(process.stderr or []))
+        reader.start()
+        started = time.monotonic()
+        while not any("no worker has taken job" in line for line in lines):
+            assert process.poll() is None, lines
+            assert time.monotonic() - started < 20, lines
+            time.sleep(0.1)
+        said_after = time.monotonic() - started
+        worker = WorkerProcess(env, tmp_path / "worker.log", "late")
+        try:
+            worker.start(JobRunner(broker.url).client)
+            stdout = (process.stdout.read() if process.stdout else "") or ""
+            process.wait(timeout=60)
+        finally:
+            worker.stop()
+        reader.join()
+    assert 4 <= said_after < 15
+    warning = next(line for line in lines if "no worker has taken job" in line)
+    assert "none answers on redis://127.0.0.1:" in warning and "Still waiting" in warning
+    assert process.returncode == 0, lines
+    assert json.loads(stdout)["status"] == "success"
+    assert lines.index(warning) < next(i for i, x in enumerate(lines) if x.startswith("started:"))
+
+
+def test_ctrl_c_on_a_terminal_ends_cleanly_with_130(load_plan, tmp_path) -> None:
+    with RedisServer() as broker:  # no worker: the command waits, drawing its bar
+        controller, terminal = pty.openpty()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tasks.cli", "run", str(write(tmp_path, load_plan()))],
+            env={**os.environ, "REDIS_URL": broker.url, "TERM": "xterm-256color"},
+            cwd=ROOT,
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            # A session of its own whose controlling terminal is the pty, as in a shell:
+            # ^C typed there is a SIGINT to the command.
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
+        os.close(terminal)
+        screen = read_until(controller, b"no worker has taken job", timeout_s=20)
+        os.write(controller, b"\x03")
+        screen += read_until(controller, None, timeout_s=20)
+        process.wait(timeout=10)
+        os.close(controller)
+    text = screen.decode("utf-8", "replace")
+    assert process.returncode == exit_codes.INTERRUPTED, text
+    assert "interrupted; job " in text and "stays queued or running" in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    assert process.stdout is not None and process.stdout.read() == b""
+
+
+def read_until(fd: int, marker: bytes | None, timeout_s: float) -> bytes:
+    """What a terminal shows, until ``marker`` appears (or, for None, until it closes)."""
+    seen = b""
+    deadline = time.monotonic() + timeout_s
+    while marker is None or marker not in seen:
+        assert time.monotonic() < deadline, seen.decode("utf-8", "replace")
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the other side closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("command", ["run", "gateway", "worker", "beat"])
+def test_a_malformed_redis_url_is_one_clear_line_and_exit_5(
+    command: str, load_plan, tmp_path
+) -> None:
+    env = {**base_worker_env("redis://127.0.0.1:9/0", tmp_path), "REDIS_URL": "localhost:6379"}
+    args = [command, str(write(tmp_path, load_plan()))] if command == "run" else [command]
+    done = refgen(*args, env=env, timeout=60)
+    assert done.returncode == exit_codes.CONFIGURATION == 5
+    assert done.stderr.splitlines() == [
+        "refgen: configuration error: REDIS_URL must be a URL such as "
+        "redis://localhost:6379/0, not 'localhost:6379' (schemes: redis, rediss, unix)"
+    ]
+    assert done.stdout == ""
+
+
+def test_run_help_says_the_job_id_is_a_uuid_and_lists_every_exit_code(tmp_path) -> None:
+    done = refgen("run", "--help", env=dict(os.environ))
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "it must be a UUID, or 'new' for a fresh one" in text
+    for code, meaning in exit_codes.MEANINGS:
+        assert f"{code} {meaning}" in text
+    bad = refgen("run", str(tmp_path / "plan.json"), "--job-id", "123", env=dict(os.environ))
+    assert bad.returncode == 2
+    assert "argument --job-id: '123' is not a UUID" in bad.stderr

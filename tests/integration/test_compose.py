@@ -188,11 +188,38 @@ def test_services_start_once_redis_is_healthy(name: str) -> None:
     assert environment(name)["REDIS_URL"] == "redis://redis:6379/0"
 
 
-def test_the_services_share_one_environment() -> None:
-    shared = environment("worker")
+BACKEND_SETTINGS = {
+    "REPLICATE_API_TOKEN",
+    "SUPABASE_URL",
+    "SUPABASE_SERVICE_KEY",
+    "GENERATOR_BACKEND",
+    "STORAGE_BACKEND",
+}
+HOST_SECRETS = {
+    "REPLICATE_API_TOKEN": "r8_made_up_for_this_test_0123456789",
+    "SUPABASE_URL": "https://project.supabase.co",
+    "SUPABASE_SERVICE_KEY": "service-key-made-up-for-this-test",
+}
+
+
+def test_every_service_shares_the_base_environment() -> None:
+    base = COMPOSE["x-refgen-env"]
+    assert set(base) == {"REDIS_URL", "ENVIRONMENT", "JOB_STATE_TTL_S", "LOG_LEVEL", "LOG_FORMAT"}
     for name in APP_SERVICES:
         env = environment(name)
-        assert {k: env.get(k) for k in shared} == shared, name
+        assert {k: env.get(k) for k in base} == base, name
+
+
+def test_the_backends_and_their_secrets_go_to_the_worker_alone() -> None:
+    """Beat, Flower and the gateway need Redis only; the internet-facing gateway must never
+    hold the service-role key, even when the host has every secret set."""
+    assert set(environment("worker")) >= BACKEND_SETTINGS
+    worker = container_env("worker", HOST_SECRETS)
+    assert {k: worker[k] for k in HOST_SECRETS} == HOST_SECRETS
+    for name in sorted(set(APP_SERVICES) - {"worker"}):
+        env = container_env(name, HOST_SECRETS)
+        assert not BACKEND_SETTINGS & set(env), name
+        assert not any(value in env.values() for value in HOST_SECRETS.values()), name
 
 
 def test_no_secret_is_written_in_the_file() -> None:
@@ -209,7 +236,7 @@ def test_no_secret_is_written_in_the_file() -> None:
             assert reference["name"] == key
             if (reference["op"] or "").endswith("-"):
                 assert reference["arg"] == "", f"{name}: {key} has a literal default"
-    assert seen >= 4  # the Replicate token, the Supabase key, Flower's credentials...
+    assert seen >= 3  # the Replicate token and the Supabase key (worker), Flower's credentials
     text = (ROOT / "docker-compose.yml").read_text()
     assert not re.search(r"r8_[A-Za-z0-9]{20,}|eyJ[A-Za-z0-9_-]{20,}", text)
 
@@ -217,11 +244,9 @@ def test_no_secret_is_written_in_the_file() -> None:
 def test_an_unset_secret_stays_unset_instead_of_empty() -> None:
     """An empty REPLICATE_API_TOKEN is refused at start-up as a placeholder, so the backends'
     credentials are passed through by name: unset on the host, unset in the container."""
-    host: dict[str, str] = {}
-    for name in ("worker", "gateway"):
-        env = container_env(name, host)
-        for key in ("REPLICATE_API_TOKEN", "SUPABASE_SERVICE_KEY", "SUPABASE_URL"):
-            assert key not in env, f"{name}: {key}={env.get(key)!r} with nothing set on the host"
+    env = container_env("worker", {})
+    for key in ("REPLICATE_API_TOKEN", "SUPABASE_SERVICE_KEY", "SUPABASE_URL"):
+        assert key not in env, f"worker: {key}={env.get(key)!r} with nothing set on the host"
     assert container_env("worker", {"REPLICATE_API_TOKEN": "r8_x"})["REPLICATE_API_TOKEN"] == "r8_x"
 
 
@@ -565,8 +590,9 @@ def test_the_build_context_holds_the_whole_package(tmp_path: Path) -> None:
         "tasks/app.py",
         "tasks/cli.py",
         "worker/settings.py",
-        "worker/gateway/app.py",
-        "worker/gateway/job.html",
+        "gateway/app.py",
+        "gateway/job.html",
+        "gateway/index.html",
     ):
         assert required in built, f"{required} would be missing from the image"
     entry_points = next(out.glob("*.egg-info")) / "entry_points.txt"

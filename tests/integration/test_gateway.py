@@ -1,23 +1,40 @@
-"""The SSE gateway and the live job page, against a real gateway process, a real worker and
-a real browser (Debian's Chromium driven by Playwright)."""
+"""The SSE gateway, the job pages and the index, against a real gateway process, a real worker
+and a real browser (Debian's Chromium driven by Playwright)."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
+import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tasks.harness import JobRun, JobRunner, WorkerProcess, base_worker_env
 from tasks.localredis import RedisServer, free_port
+from tests.integration.gatewaykit import (
+    CHROMIUM_ARGS,
+    Sse,
+    chromium,
+    log_lines,
+    running_gateway,
+    wait_known,
+)
+from worker import constants as c
+from worker.events import (
+    EventPublisher,
+    ImageCompleted,
+    ImageStarted,
+    StageFinished,
+    StageStarted,
+)
+from worker.job_index import JobIndex
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,36 +43,14 @@ DOOMED = "rooftop"  # the worker's generator always fails this image, retryably
 
 
 @dataclass
-class Sse:
-    """One Server-Sent Events connection, read the way a browser reads it."""
-
-    events: list[tuple[str, dict]] = field(default_factory=list)  # (id, message)
-    comments: int = 0
-    ended: bool = False
-
-    def read(self, response: httpx.Response, stop_after: int | None = None) -> None:
-        event_id, data = "", []
-        for line in response.iter_lines():
-            if line.startswith(":"):
-                self.comments += 1
-            elif line.startswith("id:"):
-                event_id = line[3:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-            elif line == "" and data:
-                self.events.append((event_id, json.loads("\n".join(data))))
-                data = []
-                if stop_after is not None and len(self.events) >= stop_after:
-                    return
-        self.ended = True
-
-    @property
-    def messages(self) -> list[dict]:
-        return [m for _, m in self.events]
+class Stack:
+    url: str
+    runner: JobRunner
+    log: Path
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[tuple[str, JobRunner]]:
+def stack(tmp_path_factory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("gateway")
     port = free_port()
     gateway_url = f"http://127.0.0.1:{port}"
@@ -71,28 +66,10 @@ def stack(tmp_path_factory) -> Iterator[tuple[str, JobRunner]]:
         )
         runner = JobRunner(broker.url)
         worker = WorkerProcess(env, tmp / "worker.log", "gw").start(runner.client)
-        with (tmp / "gateway.log").open("ab") as log:
-            gateway = subprocess.Popen(
-                [sys.executable, "-m", "tasks.cli", "gateway", "--port", str(port)],
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{gateway_url}/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, (tmp / "gateway.log").read_text()
-                time.sleep(0.2)
-            yield gateway_url, runner
+            with running_gateway(env, tmp / "gateway.log", port) as url:
+                yield Stack(url, runner, tmp / "gateway.log")
         finally:
-            gateway.terminate()
-            gateway.wait(timeout=10)
             worker.stop()
 
 
@@ -100,13 +77,6 @@ def send(runner: JobRunner, plan: dict) -> None:
     runner.client.send_task(
         "reference_generator.start", kwargs={"job_id": plan["job_id"], "plan": plan}
     )
-
-
-def wait_known(url: str, job_id: str) -> None:
-    deadline = time.monotonic() + 20
-    while httpx.get(f"{url}/jobs/{job_id}").status_code == 404:
-        assert time.monotonic() < deadline, "the gateway never learned of the job"
-        time.sleep(0.05)
 
 
 def in_background(runner: JobRunner, plan: dict) -> tuple[threading.Thread, list[JobRun]]:
@@ -118,13 +88,59 @@ def in_background(runner: JobRunner, plan: dict) -> tuple[threading.Thread, list
 
 
 def test_unknown_job_is_404(stack) -> None:
-    url, _ = stack
-    assert httpx.get(f"{url}/jobs/no-such-job/events").status_code == 404
-    assert httpx.get(f"{url}/jobs/no-such-job").status_code == 404
+    assert httpx.get(f"{stack.url}/jobs/no-such-job/events").status_code == 404
+    assert httpx.get(f"{stack.url}/jobs/no-such-job").status_code == 404
+
+
+def test_bad_input_gets_a_clear_400_before_any_stream(stack, load_plan) -> None:
+    plan = load_plan("minimal_1x1")
+    run = stack.runner(plan)
+    events = f"{stack.url}/jobs/{plan['job_id']}/events"
+    for bad in ("garbage", "0", "1-2-3", "-1-0", "1700000000000-0; DROP"):
+        for reply in (
+            httpx.get(events, headers={"Last-Event-ID": bad}),
+            httpx.get(events, params={"after": bad}),
+        ):
+            assert reply.status_code == 400, (bad, reply.text)
+            assert reply.headers["content-type"] == "application/json"
+            assert "Last-Event-ID must be the id of an event" in reply.json()["detail"]
+    for bad_id in ("not%20a%20job", "a" * 65, "%3Cscript%3E", "job.id", "%C3%A9t%C3%A9"):
+        for path in (f"/jobs/{bad_id}/events", f"/jobs/{bad_id}"):
+            reply = httpx.get(f"{stack.url}{path}")
+            assert reply.status_code == 400, (path, reply.status_code)
+            assert "cannot be a job id" in reply.text
+    page = httpx.get(f"{stack.url}/jobs/%3Cscript%3E")
+    assert "&lt;script&gt;" in page.text and "<script>" not in page.text
+
+    # A good Last-Event-ID still resumes after it.
+    whole = Sse()
+    with httpx.stream("GET", events, timeout=30) as response:
+        whole.read(response)
+    third = whole.events[2][0]
+    rest = Sse()
+    with httpx.stream("GET", events, headers={"Last-Event-ID": third}, timeout=30) as response:
+        assert response.status_code == 200
+        rest.read(response)
+    assert rest.events == whole.events[3:]
+    assert [(m["event_type"], m["data"]) for m in whole.messages] == run.events
+    assert "Traceback" not in stack.log.read_text()
+
+
+def test_a_finished_job_whose_events_expired_says_so(stack, load_plan) -> None:
+    plan = load_plan("minimal_1x1")
+    stack.runner(plan)
+    client = redis.Redis.from_url(stack.runner.redis_url, decode_responses=True)
+    client.delete(c.events_stream(plan["job_id"]))  # what a day after the job does
+    client.close()
+    events = httpx.get(f"{stack.url}/jobs/{plan['job_id']}/events")
+    assert events.status_code == 404
+    assert "have expired" in events.json()["detail"]
+    page = httpx.get(f"{stack.url}/jobs/{plan['job_id']}")
+    assert page.status_code == 200 and "const eventsExpired = true;" in page.text
 
 
 def test_live_subscriber_gets_every_event_and_the_stream_ends(stack, load_plan) -> None:
-    url, runner = stack
+    url, runner = stack.url, stack.runner
     # Its rooftop fails and is retried 2 s later: about 5 s of job, several keep-alive periods.
     plan = load_plan("typical_2x2")
     thread, box = in_background(runner, plan)  # pub/sub, as the existing gateway sees it
@@ -146,11 +162,10 @@ def test_live_subscriber_gets_every_event_and_the_stream_ends(stack, load_plan) 
 
 
 def test_late_subscriber_gets_the_history_in_live_order(stack, load_plan) -> None:
-    url, runner = stack
     plan = load_plan("typical_2x2")
-    run = runner(plan)  # finished before anyone subscribes
+    run = stack.runner(plan)  # finished before anyone subscribes
     sse = Sse()
-    with httpx.stream("GET", f"{url}/jobs/{plan['job_id']}/events", timeout=30) as response:
+    with httpx.stream("GET", f"{stack.url}/jobs/{plan['job_id']}/events", timeout=30) as response:
         sse.read(response)
     assert sse.ended
     assert [(m["event_type"], m["data"]) for m in sse.messages] == run.events
@@ -159,7 +174,7 @@ def test_late_subscriber_gets_the_history_in_live_order(stack, load_plan) -> Non
 
 
 def test_reconnect_with_last_event_id_loses_nothing_and_repeats_nothing(stack, load_plan) -> None:
-    url, runner = stack
+    url, runner = stack.url, stack.runner
     plan = load_plan("typical_2x2")
     thread, box = in_background(runner, plan)
     wait_known(url, plan["job_id"])
@@ -180,7 +195,7 @@ def test_reconnect_with_last_event_id_loses_nothing_and_repeats_nothing(stack, l
 
 
 def test_two_jobs_streams_never_mix(stack, load_plan) -> None:
-    url, runner = stack
+    url, runner = stack.url, stack.runner
     plans = [load_plan("minimal_1x1"), load_plan("typical_2x2")]
     runs = [in_background(runner, plan) for plan in plans]
     for plan in plans:
@@ -199,8 +214,88 @@ def test_two_jobs_streams_never_mix(stack, load_plan) -> None:
     assert first_ids - {None} == {"forest", "singer"}
 
 
+def index_rows(html: str) -> dict[str, dict[str, str]]:
+    rows = {}
+    for row in re.findall(r'<tr data-testid="job".*?</tr>', html):
+        job_id = re.search(r'data-job-id="([^"]+)"', row)[1]
+        rows[job_id] = {
+            "status": re.search(r'data-status="([^"]+)"', row)[1],
+            "images": re.search(r'data-testid="images">([^<]*)<', row)[1],
+            "cost": re.search(r'data-testid="cost">([^<]*)<', row)[1],
+            "link": re.search(r'<a href="([^"]+)"', row)[1],
+        }
+    return rows
+
+
+def test_the_index_lists_recent_jobs_with_links_to_their_pages(stack, load_plan) -> None:
+    partial = load_plan("typical_2x2")  # its rooftop always fails
+    stack.runner(partial)
+    refused = load_plan("minimal_1x1")
+    stack.runner(refused, duration_seconds=0.001)
+    running = load_plan("minimal_1x1")
+    send(stack.runner, running)
+    deadline = time.monotonic() + 10
+    while True:  # until its start is announced (its images take 1.5 s)
+        reply = httpx.get(f"{stack.url}/")
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
+        rows = index_rows(reply.text)
+        if running["job_id"] in rows:
+            break
+        assert time.monotonic() < deadline, "the running job never showed"
+        time.sleep(0.05)
+    assert rows[partial["job_id"]] == {
+        "status": "partial",
+        "images": "3/4",
+        "cost": "$0.015",
+        "link": f"/jobs/{partial['job_id']}",
+    }
+    assert rows[refused["job_id"]]["status"] == "refused"
+    assert rows[refused["job_id"]]["images"] == "–"  # nothing was made or planned
+    assert rows[running["job_id"]]["status"] == "running"
+    assert rows[running["job_id"]]["images"] == "2 planned"
+    order = list(rows)
+    assert (
+        order.index(running["job_id"])
+        < order.index(refused["job_id"])
+        < order.index(partial["job_id"])
+    )  # newest first
+    page = httpx.get(f"{stack.url}{rows[partial['job_id']]['link']}")
+    assert page.status_code == 200 and partial["job_id"] in page.text
+
+
+def test_the_gateway_logs_its_address_and_one_line_per_request(stack, load_plan) -> None:
+    lines = log_lines(stack.log)  # every line is JSON (LOG_FORMAT=json)
+    listening = [line for line in lines if line["event"] == "gateway_listening"]
+    assert len(listening) == 1 and listening[0]["url"] == stack.url
+
+    missing = str(uuid.uuid4())
+    for _ in range(3):
+        assert httpx.get(f"{stack.url}/jobs/{missing}").status_code == 404
+    run = stack.runner(load_plan("minimal_1x1"))
+    image_url = run.result["scene_references"][0]["image_url"]
+    signature = httpx.URL(image_url).params["signature"]
+    assert httpx.get(image_url).status_code == 200
+
+    def requests(path_part: str) -> list[dict]:
+        lines = log_lines(stack.log)
+        return [x for x in lines if x["event"] == "http_request" and path_part in x["path"]]
+
+    deadline = time.monotonic() + 10  # a line is written once its response is sent
+    while not requests("/files/"):
+        assert time.monotonic() < deadline, stack.log.read_text()[-2000:]
+        time.sleep(0.05)
+    misses = requests(missing)
+    assert len(misses) == 3
+    assert {(x["method"], x["status"]) for x in misses} == {("GET", 404)}
+    served = requests("/files/")
+    assert served and served[-1]["status"] == 200 and served[-1]["bytes"] > 10_000
+    text = stack.log.read_text()
+    assert signature not in text and "signature=" not in text
+    assert "Traceback" not in text
+
+
 def test_metrics_show_the_jobs_figures(stack, load_plan) -> None:
-    url, runner = stack
+    url, runner = stack.url, stack.runner
     before = httpx.get(f"{url}/metrics").text
     runner(load_plan("minimal_1x1"))
     after = httpx.get(f"{url}/metrics").text
@@ -227,30 +322,56 @@ def test_metrics_show_the_jobs_figures(stack, load_plan) -> None:
     assert "refgen_replicate_rate_limited_total" in after
 
 
+def publish_file_link_job(redis_url: str) -> str:
+    """A job as a worker without LOCAL_STORAGE_PUBLIC_URL announces it: file:// links."""
+    job_id = str(uuid.uuid4())
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    events = EventPublisher(client, JobIndex(client))
+    events.publish(job_id, StageStarted(total_images=1))
+    events.publish(
+        job_id,
+        ImageStarted(image_type="scene", image_id="forest", current_image=1, total_images=1),
+    )
+    events.publish(
+        job_id,
+        ImageCompleted(
+            image_type="scene",
+            image_id="forest",
+            image_url=f"file:///srv/refgen/{job_id}/scene_forest.png?expires=1&signature=x",
+            generation_time=1.0,
+            cost=Decimal("0.005"),
+            retry_count=0,
+            completed_images=1,
+            total_images=1,
+        ),
+    )
+    events.publish(
+        job_id,
+        StageFinished(
+            status="completed",
+            total_images=1,
+            successful_images=1,
+            failed_images=0,
+            total_cost=Decimal("0.005"),
+            total_time=1.0,
+            result_status="success",
+        ),
+    )
+    client.close()
+    return job_id
+
+
 def test_browser_shows_the_finished_job(stack, load_plan) -> None:
     from playwright.sync_api import sync_playwright
 
-    url, runner = stack
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is required (CI installs it)"
+    url, runner = stack.url, stack.runner
     plan = load_plan("typical_2x2")  # its rooftop scene always fails
     send(runner, plan)
     wait_known(url, plan["job_id"])
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "job-page.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=chromium,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(f"{url}/jobs/{plan['job_id']}")
@@ -270,7 +391,118 @@ def test_browser_shows_the_finished_job(stack, load_plan) -> None:
             assert page.locator("[data-testid=status]").inner_text().lower() == "partial"
             assert page.locator("[data-testid=total-cost]").inner_text() == "$0.015"
             assert page.locator("[data-testid=cost-breakdown] tbody tr").count() == 4
+            assert not page.locator("[data-testid=storage-hint]").is_visible()
+
+            # Workers without LOCAL_STORAGE_PUBLIC_URL: the page says how to fix it.
+            local = publish_file_link_job(runner.redis_url)
+            page.goto(f"{url}/jobs/{local}")
+            page.wait_for_selector("body[data-finished=true]", timeout=10_000)
+            hint = page.locator("[data-testid=storage-hint]")
+            assert hint.is_visible()
+            assert f"LOCAL_STORAGE_PUBLIC_URL={url}" in hint.inner_text()
+            assert page.locator("[data-testid=image]").count() == 0
+
+            # The index links to the job's page.
+            page.goto(f"{url}/")
+            page.click(f"a[href='/jobs/{plan['job_id']}']")
+            page.wait_for_selector("body[data-finished=true]", timeout=10_000)
+            assert page.url == f"{url}/jobs/{plan['job_id']}"
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
     print(f"\nscreenshot: {shot}")
+
+
+# --- Redis goes away and comes back ----------------------------------------------------------
+
+
+@dataclass
+class Lonely:
+    """A gateway over a Redis of its own, with no worker: the test publishes the events."""
+
+    url: str
+    broker: RedisServer
+    log: Path
+
+
+@pytest.fixture
+def lonely(tmp_path) -> Iterator[Lonely]:
+    # Append-only, so the job's stream is still there when this Redis comes back.
+    with RedisServer(appendonly=True) as broker:
+        env = base_worker_env(broker.url, tmp_path / "storage")
+        env.update(GATEWAY_KEEPALIVE_S="0.5")
+        with running_gateway(env, tmp_path / "gateway.log", free_port()) as url:
+            yield Lonely(url, broker, tmp_path / "gateway.log")
+
+
+def test_redis_down_is_a_503_and_an_open_stream_carries_on_when_it_returns(lonely) -> None:
+    url = lonely.url
+    job_id = str(uuid.uuid4())
+    client = redis.Redis.from_url(lonely.broker.url, decode_responses=True)
+    events = EventPublisher(client, JobIndex(client))
+    events.publish(job_id, StageStarted(total_images=1))
+
+    sse = Sse()
+    reader = threading.Thread(target=lambda: _follow(sse, f"{url}/jobs/{job_id}/events"))
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not sse.events:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    lonely.broker.stop()
+    comments_before = sse.comments
+    assert httpx.get(f"{url}/healthz").status_code == 503
+    for path, kind in (
+        ("/", "text/html"),
+        (f"/jobs/{job_id}", "text/html"),
+        (f"/jobs/{job_id}/events", "application/json"),
+        ("/metrics", "application/json"),
+    ):
+        reply = httpx.get(f"{url}{path}", timeout=10)
+        assert reply.status_code == 503, (path, reply.text)
+        assert reply.headers["content-type"].startswith(kind), path
+        assert "Redis is not answering" in reply.text, path
+    time.sleep(2.0)  # the stream waits, with keep-alives
+    assert reader.is_alive()
+    assert sse.comments > comments_before
+
+    lonely.broker.start()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/healthz").status_code != 200:
+        assert time.monotonic() < deadline, "/healthz never recovered"
+        time.sleep(0.1)
+    for path in ("/", f"/jobs/{job_id}", "/metrics"):
+        assert httpx.get(f"{url}{path}").status_code == 200, path
+    events = EventPublisher(client, JobIndex(client))
+    events.publish(
+        job_id,
+        StageFinished(
+            status="failed",
+            total_images=1,
+            successful_images=0,
+            failed_images=1,
+            total_cost=Decimal(0),
+            total_time=3.0,
+            result_status="text_only",
+        ),
+    )
+    reader.join(timeout=20)
+    assert not reader.is_alive() and sse.ended  # the same connection, to the final event
+    assert [m["event_type"] for m in sse.messages] == ["stage_update", "stage_update"]
+    assert sse.messages[-1]["data"]["result_status"] == "text_only"
+    client.close()
+
+    lines = log_lines(lonely.log)
+    text = lonely.log.read_text()
+    assert "Traceback" not in text
+    assert {line["event"] for line in lines if line["level"] in ("warning", "error")} == {
+        "redis_lost",
+        "redis_unavailable",
+    }
+    assert any(line["event"] == "redis_back" for line in lines)
+
+
+def _follow(sse: Sse, url: str) -> None:
+    with httpx.stream("GET", url, timeout=30) as response:
+        sse.read(response)

@@ -7,6 +7,7 @@ from worker.errors import ConfigurationError
 from worker.settings import Settings
 
 BACKEND_VARS = (
+    "REDIS_URL",
     "REPLICATE_API_TOKEN",
     "SUPABASE_URL",
     "SUPABASE_SERVICE_KEY",
@@ -37,24 +38,64 @@ def test_auto_picks_real_services_with_credentials(monkeypatch: pytest.MonkeyPat
     assert settings.resolved_storage_backend() == "supabase"
 
 
-def test_production_without_credentials_is_a_startup_error(
+def test_production_needs_only_redis_until_the_backends_are_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Beat, Flower, the gateway and `refgen run` hold no credentials; the worker checks."""
+    monkeypatch.setenv("ENVIRONMENT", "production")
+    settings = Settings()
+    assert settings.secret_values() == []
+    with pytest.raises(ConfigurationError, match="REPLICATE_API_TOKEN"):
+        settings.check_backends()
+
+
+def test_production_without_the_store_credentials_fails_the_check(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("ENVIRONMENT", "production")
-    with pytest.raises(ConfigurationError, match="REPLICATE_API_TOKEN"):
-        Settings()
+    monkeypatch.setenv("REPLICATE_API_TOKEN", "r8_test_token_made_at_runtime")
+    with pytest.raises(ConfigurationError, match="SUPABASE_SERVICE_KEY"):
+        Settings().check_backends()
 
 
 def test_explicit_local_is_honoured_in_production(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENVIRONMENT", "production")
     monkeypatch.setenv("GENERATOR_BACKEND", "local")
     monkeypatch.setenv("STORAGE_BACKEND", "local")
-    assert Settings().resolved_generator_backend() == "local"
+    settings = Settings()
+    settings.check_backends()
+    assert settings.resolved_generator_backend() == "local"
 
 
 def test_explicit_replicate_without_token_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GENERATOR_BACKEND", "replicate")
     with pytest.raises(ConfigurationError):
+        Settings().check_backends()
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0", "rediss://user:pw@cache:6380/2", "unix:///run/redis.sock"]
+)
+def test_redis_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("REDIS_URL", url)
+    assert Settings().redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("localhost:6379", "must be a URL such as redis://localhost:6379/0"),
+        ("127.0.0.1", "must be a URL"),
+        ("http://localhost:6379/0", "must be a URL"),
+        ("redis://", "must be a URL"),
+        ("redis://localhost:port/0", "port that is not a number"),
+    ],
+)
+def test_a_malformed_redis_url_is_refused_with_what_to_write(
+    monkeypatch: pytest.MonkeyPatch, url: str, says: str
+) -> None:
+    monkeypatch.setenv("REDIS_URL", url)
+    with pytest.raises(ValidationError, match=says):
         Settings()
 
 

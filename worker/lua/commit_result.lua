@@ -2,7 +2,8 @@
 -- stage_update, the retention schedule and the cluster's job metrics. A finalize that finds a
 -- result committed gets that result back and changes nothing.
 -- KEYS[1] the job's result, KEYS[2] the job's meta hash, KEYS[3] the job's event stream,
--- KEYS[4] the retention index, KEYS[5] the metrics hash
+-- KEYS[4] the retention index, KEYS[5] the metrics hash, KEYS[6] the index of recent jobs,
+-- KEYS[7] its summaries
 -- ARGV[1] result (JSON; "null" for text-only), ARGV[2] TTL of the result (s),
 -- ARGV[3] the job's channel, ARGV[4] the final stage_update (its total_time is filled in here
 -- from the server's clock), ARGV[5] job id, ARGV[6] seconds to keep the job's objects,
@@ -21,6 +22,12 @@ duration = math.floor(duration * 1000 + 0.5) / 1000
 local final = cjson.decode(ARGV[4])
 final.data.total_time = duration
 announce(KEYS[3], ARGV[3], cjson.encode(final))
+local d = final.data
+local row = cjson.encode({status = d.result_status, total_images = d.total_images,
+  successful_images = d.successful_images, failed_images = d.failed_images,
+  total_cost = d.total_cost, total_time = d.total_time})
+note_job(KEYS[6], KEYS[7], ARGV[5], row, 'finished_at', @JOB_INDEX_MAX_ENTRIES@,
+  @JOB_INDEX_TTL_S@)
 
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), ARGV[5])
 local metrics = KEYS[5]

@@ -1,0 +1,245 @@
+"""The gateway's routes.
+
+- ``GET /``: recent jobs (status, images, cost, when), each linking to its page.
+- ``GET /jobs/{id}``: a page that shows the job live.
+- ``GET /jobs/{id}/events``: Server-Sent Events. A fresh client gets the job's history, then
+  live events; each event's ``id`` is its Redis Stream id, so a client reconnecting with
+  ``Last-Event-ID`` gets exactly what it missed. The stream ends after the final
+  ``stage_update``. A job id that cannot be one, or a ``Last-Event-ID`` that is not a stream
+  id: 400. Unknown job: 404.
+- ``GET /files/{path}``: the local store's images, behind expiring signed links.
+- ``GET /metrics``: Prometheus, per job (``worker.metrics``); ``GET /healthz``.
+
+With Redis away, every route that needs it answers 503 with a message (a page for a browser,
+JSON otherwise) and logs one line, no traceback; an open event stream waits for Redis and
+carries on.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+import redis
+import redis.asyncio as aioredis
+import structlog
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.access import AccessLog
+from gateway.pages import escape, index_page, unavailable_page
+from gateway.stream import JobEventStream, is_stream_id, stream_client
+from worker import constants as c
+from worker.job_index import JobSummary
+from worker.metrics import JobMetricsCollector
+from worker.settings import Settings
+from worker.storage.local import LocalImageStore
+
+log = structlog.get_logger(__name__)
+
+_JOB_ID = re.compile(c.ID_PATTERN)
+_INDEX_ROWS = 100
+# Requests other than streams: a Redis that does not answer is a quick 503, not a long wait.
+_REQUEST_TIMEOUT_S = 3.0
+
+
+def request_client(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=_REQUEST_TIMEOUT_S,
+        socket_connect_timeout=_REQUEST_TIMEOUT_S,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+    )
+
+
+def metrics_client(url: str) -> redis.Redis:
+    """The Prometheus collector is synchronous; it runs in a thread with this client."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=_REQUEST_TIMEOUT_S,
+        socket_connect_timeout=_REQUEST_TIMEOUT_S,
+    )
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        client: aioredis.Redis,
+        streams: aioredis.Redis,
+        metrics_client: redis.Redis,
+    ) -> None:
+        self._settings = settings
+        self._redis = client
+        self._streams = streams
+        self._store = LocalImageStore(settings.local_storage_dir, settings.storage_bucket)
+        self._registry = CollectorRegistry()
+        self._registry.register(JobMetricsCollector(metrics_client))
+
+    async def _has_events(self, job_id: str) -> bool:
+        return bool(await self._redis.exists(c.events_stream(job_id)))
+
+    async def _events_expired(self, job_id: str) -> bool:
+        """A finished job whose events are gone (a job starting has no events yet)."""
+        if await self._has_events(job_id):
+            return False
+        finished = await self._redis.exists(c.JobKeys(job_id).result, f"celery-task-meta-{job_id}")
+        return bool(finished)
+
+    async def _known(self, job_id: str) -> bool:
+        keys = c.JobKeys(job_id)
+        found = await self._redis.exists(
+            c.events_stream(job_id), keys.meta, keys.result, f"celery-task-meta-{job_id}"
+        )
+        return bool(found)
+
+    async def index(self, _: Request) -> Response:
+        ids = [str(i) for i in await self._redis.zrevrange(c.JOB_INDEX, 0, _INDEX_ROWS - 1)]
+        raws = await self._redis.hmget(c.JOB_INDEX_SUMMARIES, ids) if ids else []
+        jobs = [
+            summary
+            for job_id, raw in zip(ids, raws, strict=True)
+            if (summary := JobSummary.parse(job_id, None if raw is None else str(raw)))
+        ]
+        return HTMLResponse(index_page(jobs), headers={"Cache-Control": "no-store"})
+
+    async def events(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        if not _JOB_ID.fullmatch(job_id):
+            return _bad_job_id(job_id)
+        last_id = request.headers.get("last-event-id") or request.query_params.get("after")
+        if last_id is not None and not is_stream_id(last_id):
+            return JSONResponse(
+                {
+                    "detail": "Last-Event-ID must be the id of an event this gateway sent "
+                    "(a stream id such as 1700000000000-0); leave it out to start from the "
+                    "beginning"
+                },
+                status_code=400,
+            )
+        if not await self._known(job_id):
+            return JSONResponse({"detail": f"unknown job {job_id}"}, status_code=404)
+        if await self._events_expired(job_id):
+            detail = (
+                f"the events of job {job_id} have expired (they are kept "
+                f"{c.EVENTS_STREAM_TTL_S // 3600} h after the job's last event); its result "
+                "is still readable by job id"
+            )
+            return JSONResponse({"detail": detail}, status_code=404)
+        stream = JobEventStream(self._streams, job_id, last_id)
+        return EventSourceResponse(
+            stream.events(),
+            ping=self._settings.gateway_keepalive_s,
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    async def page(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        if not _JOB_ID.fullmatch(job_id):
+            return HTMLResponse(
+                f"<h1>Not a job id</h1><p>{escape(job_id[:100])} cannot be a job id: ids are "
+                "letters, digits, '-' and '_', at most 64 of them.</p>",
+                status_code=400,
+            )
+        if not await self._known(job_id):
+            return HTMLResponse(f"<h1>Unknown job</h1><p>{escape(job_id)}</p>", status_code=404)
+        expired = await self._events_expired(job_id)
+        html = resources.files("gateway").joinpath("job.html").read_text("utf-8")
+        html = html.replace("{{EVENTS_EXPIRED}}", "true" if expired else "false")
+        return HTMLResponse(html.replace("{{JOB_ID}}", escape(job_id)))
+
+    async def file(self, request: Request) -> Response:
+        path = request.path_params["path"]
+        try:
+            expires = int(request.query_params["expires"])
+            signature = request.query_params["signature"]
+        except (KeyError, ValueError):
+            return JSONResponse({"detail": "a signed link is required"}, status_code=403)
+        if not self._store.verify(path, expires, signature):
+            return JSONResponse({"detail": "the link is invalid or expired"}, status_code=403)
+        try:
+            if not self._store.exists(path):
+                return JSONResponse({"detail": "no such image"}, status_code=404)
+            target = self._store.bucket_dir / path
+        except Exception:
+            return JSONResponse({"detail": "no such image"}, status_code=404)
+        return FileResponse(
+            target, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+        )
+
+    async def metrics(self, _: Request) -> Response:
+        body = await run_in_threadpool(generate_latest, self._registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(self, _: Request) -> Response:
+        try:
+            await self._redis.ping()
+        except redis.RedisError:
+            return JSONResponse({"ok": False, "redis": "unreachable"}, status_code=503)
+        return JSONResponse({"ok": True})
+
+
+def _bad_job_id(job_id: str) -> Response:
+    return JSONResponse(
+        {
+            "detail": f"{job_id[:100]!r} cannot be a job id: ids are letters, digits, '-' and "
+            "'_', at most 64 of them"
+        },
+        status_code=400,
+    )
+
+
+def _wants_html(request: Request) -> bool:
+    path = request.url.path
+    return path == "/" or (path.startswith("/jobs/") and not path.endswith("/events"))
+
+
+async def _redis_unavailable(request: Request, exc: Exception) -> Response:
+    """Redis down, restarting or not answering: an expected condition, said in one line."""
+    log.warning("redis_unavailable", path=request.url.path, error=type(exc).__name__)
+    message = "Redis is not answering; this retries by itself once it is back."
+    if _wants_html(request):
+        return HTMLResponse(unavailable_page(message), status_code=503)
+    return JSONResponse({"detail": message}, status_code=503, headers={"Retry-After": "5"})
+
+
+def create_app(
+    settings: Settings,
+    *,
+    client: aioredis.Redis | None = None,
+    streams: aioredis.Redis | None = None,
+    sync_client: redis.Redis | None = None,
+) -> Starlette:
+    """The gateway's ASGI app; its Redis clients are built here unless handed in."""
+    gateway = Gateway(
+        settings,
+        client or request_client(settings.redis_url),
+        streams or stream_client(settings.redis_url),
+        sync_client or metrics_client(settings.redis_url),
+    )
+    return Starlette(
+        routes=[
+            Route("/", gateway.index),
+            Route("/healthz", gateway.healthz),
+            Route("/metrics", gateway.metrics),
+            Route("/jobs/{job_id}", gateway.page),
+            Route("/jobs/{job_id}/events", gateway.events),
+            Route("/files/{path:path}", gateway.file),
+        ],
+        middleware=[Middleware(AccessLog)],
+        exception_handlers={
+            redis.ConnectionError: _redis_unavailable,
+            redis.TimeoutError: _redis_unavailable,
+        },
+    )

@@ -1,0 +1,27 @@
+"""``refgen``'s exit codes, in one place: the commands return them and ``--help`` lists them."""
+
+from __future__ import annotations
+
+from typing import Final
+
+RESULT: Final = 0
+TEXT_ONLY: Final = 1
+INVALID: Final = 2
+BROKER: Final = 3
+TIMEOUT: Final = 4
+CONFIGURATION: Final = 5
+INTERRUPTED: Final = 130
+
+MEANINGS: Final = (
+    (RESULT, "the job made reference images: its ReferenceImages JSON is on stdout"),
+    (TEXT_ONLY, "the result is null (text-only): too few images, or refused for budget"),
+    (INVALID, "the plan file is not a valid plan, or the command line is wrong"),
+    (BROKER, "Redis cannot be reached, or was lost for longer than BROKER_GRACE_S"),
+    (TIMEOUT, "no result within --timeout (the job may still finish)"),
+    (CONFIGURATION, "a setting in the environment is wrong (e.g. a malformed REDIS_URL)"),
+    (INTERRUPTED, "interrupted (Ctrl-C); the job stays queued or running"),
+)
+
+
+def describe() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in MEANINGS)

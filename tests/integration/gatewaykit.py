@@ -1,0 +1,111 @@
+"""What the gateway's tests share: a real ``refgen gateway`` process, an SSE reader that reads
+the way a browser does, and Debian's Chromium under Playwright."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@dataclass
+class Sse:
+    """One Server-Sent Events connection, read the way a browser reads it."""
+
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (id, message)
+    arrived: list[float] = field(default_factory=list)  # monotonic time of each event
+    comments: int = 0
+    ended: bool = False
+
+    def read(self, response: httpx.Response, stop_after: int | None = None) -> None:
+        event_id, data = "", []
+        for line in response.iter_lines():
+            if line.startswith(":"):
+                self.comments += 1
+            elif line.startswith("id:"):
+                event_id = line[3:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif line == "" and data:
+                self.events.append((event_id, json.loads("\n".join(data))))
+                self.arrived.append(time.monotonic())
+                data = []
+                if stop_after is not None and len(self.events) >= stop_after:
+                    return
+        self.ended = True
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return [m for _, m in self.events]
+
+    @property
+    def longest_quiet_s(self) -> float:
+        gaps = [b - a for a, b in zip(self.arrived, self.arrived[1:], strict=False)]
+        return max(gaps, default=0.0)
+
+
+@contextlib.contextmanager
+def running_gateway(env: dict[str, str], log_path: Path, port: int) -> Iterator[str]:
+    """``refgen gateway`` on ``port``, ready (``/healthz`` answers), stopped afterwards."""
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tasks.cli", "gateway", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                httpx.get(f"{url}/healthz")
+                break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def wait_known(url: str, job_id: str) -> None:
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{url}/jobs/{job_id}").status_code == 404:
+        assert time.monotonic() < deadline, "the gateway never learned of the job"
+        time.sleep(0.05)
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    """The gateway's log (LOG_FORMAT=json): every line must be one JSON object."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "Debian's chromium is required (CI installs it)"
+    return found
