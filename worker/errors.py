@@ -7,11 +7,21 @@ person; it is what events carry, so it never holds a stack trace, a URL with a t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.generation import Bill
+
 
 class RefgenError(Exception):
-    """Base of every error this worker raises on purpose."""
+    """Base of every error this worker raises on purpose.
+
+    ``billed`` is what the provider charged for the attempt that failed: Replicate bills the
+    run time of failed and cancelled predictions too (an aborted one costs 0). None when no
+    paid call ran."""
 
     reason: str
+    billed: Bill | None = None
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -14,7 +14,7 @@ import os
 import random
 import time
 import zlib
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -72,6 +72,9 @@ class LocalImageGenerator:
         return GeneratedImage(
             png=png, cost=self._cost, generation_time=round(time.monotonic() - started, 3)
         )
+
+    def cancel_in_flight(self, job_id: str, requests: Sequence[GenerationRequest]) -> list[str]:
+        return []  # nothing runs remotely, nothing is billed while it waits
 
 
 @functools.lru_cache(maxsize=128)
