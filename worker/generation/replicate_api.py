@@ -72,7 +72,9 @@ class ReplicateApi:
     """Takes a ready-made client; tests point one at the local Replicate-like server."""
 
     def __init__(self, client: ReplicateClient, *, http_timeout_s: float = 30.0) -> None:
-        self._client = client
+        # The client builds its httpx client on first use; built here, once, not by whichever
+        # worker threads get there first.
+        self._http: httpx.Client = client._client
         self._timeout = httpx.Timeout(http_timeout_s, connect=min(5.0, http_timeout_s))
 
     def create(
@@ -139,7 +141,7 @@ class ReplicateApi:
         kwargs.setdefault("timeout", self._timeout)
         try:
             # The client's own httpx client: base URL, token, retries, our budget transport.
-            response = self._client._client.request(method, url, extensions=extensions, **kwargs)
+            response = self._http.request(method, url, extensions=extensions, **kwargs)
         except httpx.TimeoutException:
             raise RetryableError("Replicate did not answer in time") from None
         except httpx.TransportError:
