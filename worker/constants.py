@@ -37,6 +37,8 @@ REPLICATE_CREATES_PER_MINUTE: Final = 600
 REPLICATE_REQUESTS_PER_MINUTE: Final = 3000
 # Sync mode holds a create open at most this long (Replicate's maximum for Prefer: wait).
 REPLICATE_MAX_WAIT_S: Final = 60
+# Replicate stops any prediction after 30 minutes: a longer Cancel-After would mean nothing.
+REPLICATE_MAX_RUN_S: Final = 1800
 
 # Retry design (SPEC §1): two attempts in all, the second 2 s after the first.
 GENERATION_MAX_ATTEMPTS: Final = 2

@@ -175,8 +175,8 @@ def sync_wait_s(remaining_s: float) -> int | None:
 
 def cancel_after_s(remaining_s: float) -> int:
     """``Cancel-After`` in whole seconds, rounded up: Replicate never stops a prediction
-    before the worker would have."""
-    return max(1, math.ceil(remaining_s))
+    before the worker would have (nor later than its own 30-minute limit)."""
+    return max(1, min(c.REPLICATE_MAX_RUN_S, math.ceil(remaining_s)))
 
 
 def short(text: str, limit: int = 200) -> str:
