@@ -77,8 +77,8 @@ def creates_for(fake: FakeReplicate, text: str) -> list[CreateCall]:
     return [call for call in fake.creates if text in call.input["prompt"]]
 
 
-def job_bills(fake: FakeReplicate, job: JobRun) -> Decimal:
-    """What the server billed for this job's predictions (its prompts are the job's)."""
+def job_bills(fake: FakeReplicate) -> Decimal:
+    """What the server billed for the test's job: every prediction it was asked for."""
     bills = fake.bills(PRICE)
     return sum((bills[call.prediction_id] for call in fake.creates), Decimal(0))
 
@@ -133,7 +133,7 @@ def test_one_api_request_per_image(fake, start_worker, runner, load_plan) -> Non
     assert [r.route for r in fake.api_requests] == ["create"] * 4  # no poll, no list
     assert {call.prefer for call in fake.creates} == {"wait=60"}  # Replicate's maximum
     assert {call.cancel_after for call in fake.creates} == {"120s"}
-    assert Decimal(run.result["total_cost"]) == job_bills(fake, run) == 4 * Decimal("0.7") * PRICE
+    assert Decimal(run.result["total_cost"]) == job_bills(fake) == 4 * Decimal("0.7") * PRICE
 
 
 # ----------------------------------------------------------------------- deadlines
@@ -154,7 +154,7 @@ def test_a_prediction_that_never_starts_is_aborted_unbilled_and_retried(
     assert retry[0]["retry_in_s"] == 2.0
     done = run.of("reference_generation_complete", image_id="rooftop")
     assert done[0]["retry_count"] == 1 and fake.status(second.prediction_id) == "succeeded"
-    assert Decimal(run.result["total_cost"]) == job_bills(fake, run)  # the abort cost nothing
+    assert Decimal(run.result["total_cost"]) == job_bills(fake)  # the abort cost nothing
 
 
 def test_a_prediction_aborted_twice_fails_its_image_at_no_cost(
@@ -171,7 +171,7 @@ def test_a_prediction_aborted_twice_fails_its_image_at_no_cost(
     assert "before Replicate started the image (not billed)" in failed[0]["reason"]
     aborted = creates_for(fake, ROOFTOP)
     assert [fake.status(call.prediction_id) for call in aborted] == ["aborted", "aborted"]
-    assert Decimal(run.result["total_cost"]) == job_bills(fake, run) == 3 * Decimal("2.5") * PRICE
+    assert Decimal(run.result["total_cost"]) == job_bills(fake) == 3 * Decimal("2.5") * PRICE
 
 
 def test_a_killed_workers_prediction_ends_at_its_deadline(
@@ -221,7 +221,7 @@ def test_a_create_held_open_when_its_worker_dies_is_adopted_not_repeated(
     assert len(fake.creates) == 4  # one per image, whatever the kill interrupted
     assert fake.requests_for("list"), "the rescuer looked the prediction up"
     assert '"prediction_adopted"' in rescuer.log_path.read_text()
-    assert Decimal(run.result["total_cost"]) == job_bills(fake, run)
+    assert Decimal(run.result["total_cost"]) == job_bills(fake)
 
 
 # ----------------------------------------------------------------------- realistic latency
@@ -242,4 +242,4 @@ def test_a_whole_job_at_realistic_latency(token, start_worker, runner, load_plan
     assert [r.route for r in fake.api_requests] == ["create"] * 4
     times = [e["generation_time"] for e in run.of("reference_generation_complete")]
     assert sorted(times) == pytest.approx(sorted(durations), abs=0.5)
-    assert Decimal(run.result["total_cost"]) == job_bills(fake, run)
+    assert Decimal(run.result["total_cost"]) == job_bills(fake)
