@@ -1,12 +1,21 @@
-"""`python -m bench`: every benchmark, one after another (about six minutes)."""
+"""`python -m bench`: every benchmark, one after another (about ten minutes)."""
 
 from __future__ import annotations
 
-from bench import cost, events, latency, memory, recovery, redis_memory, throughput
+from bench import (
+    cost,
+    events,
+    latency,
+    memory,
+    recovery,
+    redis_memory,
+    replicate,
+    throughput,
+)
 
 
 def main() -> None:
-    for module in (latency, throughput, memory, events, cost, redis_memory, recovery):
+    for module in (latency, replicate, throughput, memory, events, cost, redis_memory, recovery):
         print(f"=== {module.__name__}", flush=True)
         module.main()
 

@@ -3,11 +3,13 @@ and as one JSON line each (``{"figure": ..., "value": ..., "unit": ...}``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import platform
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,11 @@ import structlog
 
 from tasks.harness import JobRunner, WorkerProcess, base_worker_env
 from tasks.localredis import RedisServer
+from worker.jobs import Recorded
+from worker.lifecycle import JobFinalizer, JobIntake, Launch
+from worker.models import ImageSpec
+from worker.pipeline import ImagePipeline, RetryIn
+from worker.services import Services
 
 # The in-process baseline runs worker code here: keep its info lines out of the figures.
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -69,3 +76,29 @@ def load_plan(name: str = "typical_2x2") -> dict[str, object]:
     plan: dict[str, object] = json.loads((PLANS / f"{name}.json").read_text())
     plan["job_id"] = str(uuid.uuid4())
     return plan
+
+
+def in_process(services: Services) -> float:
+    """Seconds for a whole job in this process, through the same ``worker`` code with
+    ``asyncio.Semaphore(4)`` and ``gather`` instead of a chord: what remains of refgen without
+    Celery (the benchmarks' baseline)."""
+    return asyncio.run(_in_process(services))
+
+
+async def _in_process(services: Services) -> float:
+    limit = asyncio.Semaphore(4)
+    plan = load_plan()
+    started = time.perf_counter()
+    admission = JobIntake(services).admit(plan["job_id"], plan, None, task_id="in-process")
+    assert isinstance(admission, Launch)
+    pipeline = ImagePipeline(services)
+
+    async def one(spec: ImageSpec) -> Recorded | RetryIn:
+        async with limit:
+            return await asyncio.to_thread(pipeline.run, spec, 0)
+
+    outcomes = await asyncio.gather(*(one(spec) for spec in admission.plan.images))
+    made = [o.outcome for o in outcomes if isinstance(o, Recorded)]
+    result = JobFinalizer(services).finalize(str(plan["job_id"]), made)
+    assert result is not None and result["status"] == "success"
+    return time.perf_counter() - started

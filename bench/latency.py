@@ -10,19 +10,15 @@ all in the same run, so the ratios compare like with like on a shared, noisy mac
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import cluster, figure, load_plan, table
+from bench.common import cluster, figure, in_process, load_plan, table
 from worker.generation import GenerationRequest
 from worker.generation.local import LocalImageGenerator
-from worker.jobs import Recorded
-from worker.lifecycle import JobFinalizer, JobIntake, Launch
-from worker.models import ImageSpec
-from worker.pipeline import ImagePipeline, RetryIn, generation_request
+from worker.pipeline import generation_request
 from worker.planning import plan_job
 from worker.services import Services
 from worker.settings import Settings
@@ -57,26 +53,6 @@ def ideal(store: LocalImageStore) -> float:
     return time.perf_counter() - started
 
 
-async def in_process(services: Services) -> float:
-    """The whole job in this process: what remains of refgen without Celery."""
-    limit = asyncio.Semaphore(4)
-    plan = load_plan()
-    started = time.perf_counter()
-    admission = JobIntake(services).admit(plan["job_id"], plan, None, task_id="in-process")
-    assert isinstance(admission, Launch)
-    pipeline = ImagePipeline(services)
-
-    async def one(spec: ImageSpec) -> Recorded | RetryIn:
-        async with limit:
-            return await asyncio.to_thread(pipeline.run, spec, 0)
-
-    outcomes = await asyncio.gather(*(one(spec) for spec in admission.plan.images))
-    made = [o.outcome for o in outcomes if isinstance(o, Recorded)]
-    result = JobFinalizer(services).finalize(str(plan["job_id"]), made)
-    assert result is not None and result["status"] == "success"
-    return time.perf_counter() - started
-
-
 def main() -> None:
     ideals, baselines, distributed = [], [], []
     with (
@@ -96,7 +72,7 @@ def main() -> None:
         runner(load_plan(), timeout_s=60)  # warm-up: connections, imports, first render
         for _ in range(ROUNDS):  # interleaved, so drift on the machine hits all three alike
             ideals.append(ideal(store))
-            baselines.append(asyncio.run(in_process(services)))
+            baselines.append(in_process(services))
             started = time.perf_counter()
             run = runner(load_plan(), timeout_s=60)
             distributed.append(time.perf_counter() - started)

@@ -32,6 +32,14 @@ NEGATIVE_PROMPT: Final = "blurry, static, low quality, distorted, watermark, tex
 MAX_PROMPT_CHARS: Final = 500
 IMAGE_TIMEOUT_S: Final = 120.0
 
+# Replicate's limits (its docs, "rate limits"): creates, and every other API request.
+REPLICATE_CREATES_PER_MINUTE: Final = 600
+REPLICATE_REQUESTS_PER_MINUTE: Final = 3000
+# Sync mode holds a create open at most this long (Replicate's maximum for Prefer: wait).
+REPLICATE_MAX_WAIT_S: Final = 60
+# Replicate stops any prediction after 30 minutes: a longer Cancel-After would mean nothing.
+REPLICATE_MAX_RUN_S: Final = 1800
+
 # Retry design (SPEC §1): two attempts in all, the second 2 s after the first.
 GENERATION_MAX_ATTEMPTS: Final = 2
 GENERATION_RETRY_DELAY_S: Final = 2.0
@@ -72,6 +80,16 @@ def events_stream(job_id: str) -> str:
     return f"refgen:events:{{{job_id}}}"
 
 
+def replicate_limit_key(kind: str) -> str:
+    """The cluster-wide sliding window of one kind of Replicate request (``creates`` or
+    ``requests``), and beside it the back-off a 429 sets for that kind."""
+    return f"refgen:ratelimit:replicate:{kind}"
+
+
+def replicate_backoff_key(kind: str) -> str:
+    return f"refgen:ratelimit:replicate:{kind}:backoff"
+
+
 # A job's stream holds at most this many events (a 50-image job makes about 260), and goes
 # this long after its last event.
 EVENTS_STREAM_MAXLEN: Final = 2000
@@ -110,6 +128,7 @@ class JobKeys:
         self.images = f"{prefix}:images"
         self.counts = f"{prefix}:counts"
         self.result = f"{prefix}:result"
+        # Prediction checkpoints: per image and attempt, the intent to create and the id.
         self.predictions = f"{prefix}:predictions"
         self.made = f"{prefix}:made"
 

@@ -14,11 +14,13 @@ if TYPE_CHECKING:
 
 
 class RefgenError(Exception):
-    """Base of every error this worker raises on purpose."""
+    """Base of every error this worker raises on purpose.
+
+    ``billed`` is what the provider charged for the attempt that failed: Replicate bills the
+    run time of failed and cancelled predictions too (an aborted one costs 0). None when no
+    paid call ran."""
 
     reason: str
-    # What the provider billed for the attempt that failed (a failed or cancelled prediction
-    # still bills the time it ran): charged to the job like any other paid call.
     billed: Bill | None = None
 
     def __init__(self, reason: str) -> None:
@@ -56,6 +58,11 @@ class InvalidPlanError(PermanentError):
 
 class ContentRejectedError(PermanentError):
     """The provider's safety filter refused the prompt or the output."""
+
+
+class CancelledError(PermanentError):
+    """The provider's work for this image was cancelled (by us, for a job that can no longer
+    pass, or on the provider's side)."""
 
 
 class BudgetExceededError(PermanentError):

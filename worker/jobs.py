@@ -15,7 +15,6 @@ from typing import Any, Literal
 import redis
 
 from worker import constants as c
-from worker.generation import PredictionRef
 from worker.models import ImageOutcome, ImageSpec
 from worker.scripts import register
 
@@ -179,20 +178,6 @@ class JobStore:
     def outcomes(self, job_id: str) -> dict[str, ImageOutcome]:
         raw = self._redis.hgetall(c.JobKeys(job_id).images)
         return {str(k): ImageOutcome.model_validate_json(v) for k, v in raw.items()}
-
-    def saved_prediction(self, job_id: str, image_key: str) -> PredictionRef | None:
-        raw = _text(self._redis.hget(c.JobKeys(job_id).predictions, image_key))
-        if raw is None:
-            return None
-        prediction_id, created_at = raw.split(" ", 1)
-        return PredictionRef(prediction_id, float(created_at))
-
-    def save_prediction(self, job_id: str, image_key: str, ref: PredictionRef) -> None:
-        key = c.JobKeys(job_id).predictions
-        pipe = self._redis.pipeline()
-        pipe.hset(key, image_key, f"{ref.id} {ref.created_at}")
-        pipe.expire(key, self._ttl)
-        pipe.execute()
 
     def committed_result(self, job_id: str) -> tuple[Any] | None:
         """``(result,)`` once the job's result is committed (``result`` may be None: text-only),

@@ -18,6 +18,7 @@ from redis.lock import Lock
 from worker import constants as c
 from worker.crashpoints import crash_point
 from worker.errors import (
+    CancelledError,
     DeliveryAbandoned,
     PermanentError,
     RefgenError,
@@ -165,6 +166,10 @@ class ImagePipeline:
                     ),
                 )
                 return RetryIn(delay_s=delay, reason=exc.reason)
+        except CancelledError as exc:
+            doom = self._s.jobs.doomed(spec.job_id)
+            reason = cancelled_reason(doom) if doom is not None else exc.reason
+            outcome = self._failure(spec, attempt, reason)
         except PermanentError as exc:
             outcome = self._failure(spec, attempt, exc.reason)
         except (DeliveryAbandoned, redis.RedisError):

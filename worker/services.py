@@ -10,7 +10,7 @@ from redis.retry import Retry
 
 from worker.budget import CostLedger
 from worker.events import EventPublisher
-from worker.generation import ImageGenerator, PredictionCheckpoints
+from worker.generation import ImageGenerator
 from worker.job_index import JobIndex
 from worker.jobs import JobStore
 from worker.metrics import JobMetrics
@@ -54,7 +54,7 @@ class Services:
         return cls(
             settings=settings,
             client=client,
-            generator=generator or make_generator(settings, jobs, client, JobMetrics(client)),
+            generator=generator or make_generator(settings, client, JobMetrics(client)),
             store=store,
             store_readiness=StoreReadiness(store),
             ledger=CostLedger(client, ttl_s=settings.job_state_ttl_s),
@@ -88,19 +88,20 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
-def make_generator(
-    settings: Settings,
-    checkpoints: PredictionCheckpoints,
-    client: redis.Redis,
-    metrics: JobMetrics,
-) -> ImageGenerator:
+def make_generator(settings: Settings, client: redis.Redis, metrics: JobMetrics) -> ImageGenerator:
     if settings.resolved_generator_backend() == "replicate":
+        from worker.generation.checkpoints import RedisPredictionCheckpoints
         from worker.generation.replicate import ReplicateImageGenerator
-        from worker.ratelimit import RedisRateGate
+        from worker.ratelimit import ReplicateBudget
 
-        gate = RedisRateGate(client, limit=settings.replicate_creates_per_second)
+        budget = ReplicateBudget.in_redis(
+            client,
+            creates_per_minute=settings.replicate_creates_per_minute,
+            requests_per_minute=settings.replicate_requests_per_minute,
+        )
+        checkpoints = RedisPredictionCheckpoints(client, ttl_s=settings.job_state_ttl_s)
         return ReplicateImageGenerator.from_settings(
-            settings, checkpoints, gate, on_rate_limited=metrics.rate_limited
+            settings, checkpoints, budget, on_rate_limited=metrics.rate_limited
         )
     from worker.generation.local import LocalImageGenerator
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker import constants as c
@@ -61,8 +62,13 @@ class Settings(BaseSettings):
     reference_model_prod: str = c.SDXL_VERSION
     reference_model_dev: str = c.SDXL_VERSION
     hardware_price_per_second: Decimal = c.DEFAULT_HARDWARE_PRICE_PER_S
-    # Shared by all workers: Replicate allows 600 prediction creates a minute.
-    replicate_creates_per_second: int = Field(default=10, ge=1)
+    # Shared by all workers: Replicate allows 600 prediction creates a minute and 3,000 of
+    # every other request (polls, cancels, lists).
+    replicate_creates_per_minute: int = Field(default=c.REPLICATE_CREATES_PER_MINUTE, ge=1)
+    replicate_requests_per_minute: int = Field(default=c.REPLICATE_REQUESTS_PER_MINUTE, ge=1)
+    # Deprecated: the old name of the create limit, per second. Read only when
+    # REPLICATE_CREATES_PER_MINUTE is not set.
+    replicate_creates_per_second: int | None = Field(default=None, ge=1)
     image_timeout_s: float = Field(default=c.IMAGE_TIMEOUT_S, gt=0)
     # A job still unfinished this long after it started is finalized with what exists.
     job_deadline_s: float = Field(default=c.JOB_DEADLINE_S, gt=0)
@@ -121,6 +127,17 @@ class Settings(BaseSettings):
         if value is not None and _is_placeholder(value.get_secret_value()):
             raise ValueError("looks like a placeholder; set the real secret or leave it unset")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _creates_per_second_is_per_minute(cls, data: object) -> object:
+        if isinstance(data, dict):
+            per_second = data.get("replicate_creates_per_second")
+            if per_second not in (None, "") and data.get("replicate_creates_per_minute") is None:
+                # A value that is no number is left to the field's own validation.
+                with contextlib.suppress(TypeError, ValueError):
+                    data = {**data, "replicate_creates_per_minute": int(per_second) * 60}
+        return data
 
     @field_validator("redis_url")
     @classmethod

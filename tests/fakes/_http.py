@@ -5,7 +5,8 @@ thread, records every request it receives, and consumes scripted :class:`Fault` 
 from per-route-kind FIFO queues before a request reaches its real handler.
 
 Fault handling order for each request: the request is recorded, its route kind is
-resolved (``"unknown"`` when no route matches), then the first queued fault for that kind
+resolved (``"unknown"`` when no route matches), a subclass may refuse it outright
+(``_admit``: Replicate's rate limits), then the first queued fault for that kind
 is popped (falling back to the wildcard queue ``"*"``).  A fault may sleep (``delay``),
 then either drop the connection without answering (``disconnect``), answer with its own
 ``status``/``body``/``headers``, or -- when ``status`` is ``None`` -- let the request be
@@ -104,6 +105,10 @@ class _Server(ThreadingHTTPServer):
 
 class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in two writes: without TCP_NODELAY, Nagle's algorithm holds the
+    # body until the client's delayed ACK, 40 ms on Linux, on every reused connection. Real
+    # servers set it; a fake that did not would add latency that is not the worker's.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -255,6 +260,10 @@ class FakeHTTPServer:
     def _not_found(self, req: RecordedRequest) -> Response:
         return json_response(404, {"detail": "Not found."})
 
+    def _admit(self, req: RecordedRequest) -> Response | None:
+        """A server-wide refusal before faults and handlers (e.g. a rate limit); None admits."""
+        return None
+
     def _sleep(self, seconds: float) -> None:
         self._stopping.wait(seconds)
 
@@ -280,6 +289,10 @@ class FakeHTTPServer:
         )
         with self._lock:
             self._requests.append(req)
+        refused = self._admit(req)
+        if refused is not None:
+            self._send(h, refused)
+            return
         fault = self._pop_fault(route, body)
         if fault is not None:
             if fault.delay:

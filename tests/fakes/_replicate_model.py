@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,7 +23,7 @@ INVALID_VERSION_TITLE = "Invalid version or not permitted"
 INVALID_VERSION_DETAIL = (
     "The specified version does not exist (or perhaps you don't have permission to use it?)"
 )
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 _TITLES = {401: "Unauthenticated", 404: "Not found", 422: "Unprocessable Entity"}
 
 
@@ -43,11 +44,51 @@ def problem(status: int, detail: str, title: str | None = None) -> Response:
 
 
 def throttled(retry_after: int) -> Response:
-    unit = "second" if retry_after == 1 else "seconds"
-    detail = f"Request was throttled. Expected available in {retry_after} {unit}."
-    resp = problem(429, detail, "Request was throttled")
-    resp.headers["Retry-After"] = str(retry_after)
-    return resp
+    """Replicate's 429: the body its rate-limit docs show (``detail`` only), and ``Retry-After``
+    in whole seconds."""
+    detail = f"Request was throttled. Your rate limit resets in ~{retry_after}s."
+    return json_response(429, {"detail": detail}, {"Retry-After": str(retry_after)})
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_cancel_after(raw: str) -> float | None:
+    """Seconds from a ``Cancel-After`` value such as ``1m``, ``90s`` or ``1m30s`` (Go-style
+    durations, as the changelog's ``1m`` example suggests); None when it is not one."""
+    text = raw.strip()
+    if not text or _DURATION.sub("", text):
+        return None
+    return sum(float(n) * _UNIT_S[unit] for n, unit in _DURATION.findall(text))
+
+
+@dataclass
+class TokenBucket:
+    """One rate limit: ``per_minute`` sustained, bursts of ``burst_s`` seconds' worth (at least
+    one request). Stricter than Replicate, which allows "short bursts above" its limits."""
+
+    per_minute: float
+    burst_s: float = 1.0
+    tokens: float = -1.0
+    updated: float = 0.0
+
+    @property
+    def capacity(self) -> float:
+        return max(1.0, self.per_minute / 60 * self.burst_s)
+
+    def take(self, now: float) -> float:
+        """0 when a request is admitted; otherwise seconds until one would be."""
+        rate = self.per_minute / 60
+        if self.tokens < 0:
+            self.tokens = self.capacity
+        else:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / rate
 
 
 @dataclass(frozen=True)
@@ -81,6 +122,7 @@ class CreateCall:
     input: dict[str, Any]
     prefer: str | None  # Prefer header, if any
     timestamp: float  # time.monotonic() of the request
+    cancel_after: str | None = None  # Cancel-After header, if any
 
 
 @dataclass
@@ -92,25 +134,65 @@ class Prediction:
     plan: PredictionPlan
     created: float  # time.monotonic()
     created_at: datetime
-    canceled_after: float | None = None
+    canceled_after: float | None = None  # an explicit cancel, seconds after creation
+    deadline: float | None = None  # Cancel-After, seconds after creation
+
+    @property
+    def _start(self) -> float:
+        plan = self.plan
+        default_start = plan.duration / 3 if plan.starting_for is None else plan.starting_for
+        return min(default_start, plan.duration)
+
+    def _end(self) -> tuple[float, str] | None:
+        """When and how it ends, if nothing else happens: its plan, its deadline (``aborted``
+        before the run started, ``canceled`` once running) or an explicit cancel."""
+        ends: list[tuple[float, str]] = []
+        if self.plan.outcome != "hang":
+            ends.append((self.plan.duration, self.plan.outcome))
+        if self.deadline is not None:
+            ends.append((self.deadline, "aborted" if self.deadline <= self._start else "canceled"))
+        if self.canceled_after is not None:
+            ends.append((self.canceled_after, "canceled"))
+        return min(ends, key=lambda end: end[0]) if ends else None
 
     def state(self) -> tuple[str, float | None, float | None]:
         """(status, started offset, completed offset), offsets in seconds after creation."""
-        plan, elapsed = self.plan, time.monotonic() - self.created
-        default_start = plan.duration / 3 if plan.starting_for is None else plan.starting_for
-        start = min(default_start, plan.duration)
-        if self.canceled_after is not None:
-            started = start if self.canceled_after >= start else None
-            return "canceled", started, self.canceled_after
+        elapsed, start, end = time.monotonic() - self.created, self._start, self._end()
+        if end is not None and elapsed >= end[0]:
+            at, status = end
+            never_ran = status == "aborted" or (status == "canceled" and at <= start)
+            return status, (None if never_ran else start), at
         if elapsed < start:
             return "starting", None, None
-        if plan.outcome == "hang" or elapsed < plan.duration:
-            return "processing", start, None
-        return plan.outcome, start, plan.duration
+        return "processing", start, None
 
     @property
     def status(self) -> str:
         return self.state()[0]
+
+    def next_change_in(self) -> float | None:
+        """Seconds until its status next changes by itself (None: never, e.g. a hang)."""
+        elapsed = time.monotonic() - self.created
+        end = self._end()
+        times = [self._start] + ([end[0]] if end is not None else [])
+        later = [t - elapsed for t in times if t > elapsed]
+        return min(later) if later else None
+
+    def run_time(self) -> float:
+        """Seconds it has run (processing), so far or in all."""
+        _, started, completed = self.state()
+        if started is None:
+            return 0.0
+        until = completed if completed is not None else time.monotonic() - self.created
+        return round(max(0.0, until - started), 6)
+
+    def billed_seconds(self) -> float:
+        """What Replicate bills: ``predict_time`` for a finished run, the time run for a
+        cancelled one (a deadline or an explicit cancel), nothing for an aborted one."""
+        status = self.status
+        if status in ("succeeded", "failed") and self.plan.predict_time is not None:
+            return self.plan.predict_time
+        return self.run_time()
 
     def cancel(self) -> None:
         if self.status not in TERMINAL:
@@ -127,7 +209,7 @@ class Prediction:
         status, started, completed = self.state()
         seed = int(hashlib.sha256(self.id.encode()).hexdigest()[:6], 16)
         logs = ""
-        if status != "starting":
+        if started is not None:
             logs = f"Using seed: {seed}\nPrompt: {self.input.get('prompt', '')}\ntxt2img mode\n"
         metrics: dict[str, Any] = {}
         if status in ("succeeded", "failed"):
@@ -135,6 +217,10 @@ class Prediction:
             if self.plan.predict_time is not None:
                 metrics["predict_time"] = self.plan.predict_time
             metrics["total_time"] = round(self.plan.duration, 6)
+        elif status == "canceled" and started is not None:
+            # A run cut short is billed for the time it ran, and says so.
+            metrics["predict_time"] = self.run_time()
+            metrics["total_time"] = round(completed or 0.0, 6)
         elif status == "processing":
             logs += " 40%|####      | 20/50 [00:01<00:01, 20.0it/s]\n"
         urls = f"{base_url}/v1/predictions/{self.id}"

@@ -14,12 +14,17 @@ Routes (what the real client sends; all JSON, ``Authorization: Bearer <token>``)
 * ``POST /v1/predictions`` -- ``predictions.create(version=...)``.  The ``version`` string is
   sent verbatim: ``"<64-hex id>"``, ``"owner/name:<id>"`` and ``"owner/name"`` all go here
   unchanged (the client does *not* parse them; the API accepts all three).
-  ``Prefer: wait`` / ``Prefer: wait=N`` (sent for ``wait=True|N``, and by ``client.run``) makes
-  this fake hold the response until the prediction is terminal or N s (max 60) elapsed.
+  ``Prefer: wait`` / ``Prefer: wait=N`` (sent for ``wait=True|N``, and by ``client.run``) holds
+  the response until the prediction is terminal or N s (max 60) have passed, then answers with
+  the prediction as it stands.  ``Cancel-After: 90s`` (``1m``, ``1m30s``...) sets a deadline:
+  reached before the run starts, the prediction ends ``aborted`` (no ``predict_time``, not
+  billed); reached while it runs, ``canceled``, billed for the time run (its ``predict_time``).
 * ``POST /v1/models/{owner}/{name}/predictions`` -- ``predictions.create(model=...)`` and
   ``client.run("owner/name")``; ``POST /v1/deployments/{owner}/{name}/predictions`` too.
 * ``client.run("owner/name:id")`` posts ``{"version": "id"}`` to ``/v1/predictions`` and then
   ``GET /v1/models/{owner}/{name}/versions/{id}`` (served here).
+* ``GET /v1/predictions`` -- ``predictions.list``: newest first, ``page_size`` (100) a page,
+  ``next`` an absolute URL with a cursor, each entry the whole prediction (``input`` included).
 * ``GET /v1/predictions/{id}`` -- ``predictions.get``, ``Prediction.reload`` and ``.wait``.
 * ``POST /v1/predictions/{id}/cancel`` -- ``predictions.cancel`` / ``Prediction.cancel``.
 * ``GET /files/{id}.png`` -- output download (no auth).  ``FileOutput.read()`` GETs the
@@ -38,22 +43,36 @@ Fault injection (route kinds: ``create``, ``get``, ``cancel``, ``list``, ``file`
 ``script_next_prediction(**PredictionPlan fields)``, ``hang_next_prediction`` and
 ``fail_next_prediction`` (FIFO, one plan per successful create; otherwise ``default_plan``).
 
+Rate limits (off unless set; ``set_rate_limits`` or the constructor): ``creates_per_minute``
+for creates, ``requests_per_minute`` for every other API request (gets, cancels, lists...;
+downloads of outputs are another host's and never counted), each a token bucket holding
+``burst_s`` seconds' worth.  Over a limit the answer is Replicate's 429: ``{"detail": "Request
+was throttled. Your rate limit resets in ~Ns."}`` with ``Retry-After: N``; ``throttled`` lists
+the requests so refused.
+
 Recorded state: ``requests`` / ``requests_for(route, method)`` (every request),
-``create_count`` (create requests received, faulted ones included), ``creates`` (one
-:class:`CreateCall` per prediction created), ``cancels`` (ids), ``get_count(id)``,
-``prediction_json(id)``.
+``api_requests`` (every request but downloads), ``create_count`` (create requests received,
+faulted ones included), ``creates`` (one :class:`CreateCall` per prediction created),
+``cancels`` (ids), ``get_count(id)``, ``prediction_json(id)``, ``status(id)``, and what the
+real service would bill: ``bills(price)`` per prediction and ``billed(price)`` in all
+(``predict_time`` of finished runs, failed ones included; the time run of cancelled ones;
+nothing for aborted ones).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import random
 import re
 import secrets
 import string
+import threading
 import time
 from collections import deque
 from dataclasses import replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
 
@@ -68,7 +87,9 @@ from ._replicate_model import (
     CreateCall,
     Prediction,
     PredictionPlan,
+    TokenBucket,
     make_png,
+    parse_cancel_after,
     problem,
     throttled,
 )
@@ -101,6 +122,13 @@ class FakeReplicate(FakeHTTPServer):
         image_size: tuple[int, int] = (1024, 1024),
         image_bytes: bytes | None = None,  # output file bytes (default: PNG of image_size)
         image_content_type: str = "image/png",
+        creates_per_minute: float | None = None,
+        requests_per_minute: float | None = None,
+        burst_s: float = 1.0,
+        # Predictions on the default plan take a duration drawn from this range (seeded).
+        duration_range: tuple[float, float] | None = None,
+        seed: int = 0,
+        page_size: int = 100,
     ) -> None:
         super().__init__(host=host, port=port)
         self.api_token = api_token
@@ -109,6 +137,15 @@ class FakeReplicate(FakeHTTPServer):
         self.known_versions = known_versions
         self.image_bytes = image_bytes if image_bytes is not None else make_png(*image_size)
         self.image_content_type = image_content_type
+        self.duration_range = duration_range
+        self.page_size = page_size
+        # False: the server ignores Cancel-After, as one predating prediction deadlines would.
+        self.honour_cancel_after = True
+        self._random = random.Random(seed)
+        self._limits: dict[str, TokenBucket] = {}
+        self.set_rate_limits(creates_per_minute, requests_per_minute, burst_s)
+        self._throttled: list[RecordedRequest] = []
+        self._changed = threading.Condition(self._lock)
         self._plans: deque[PredictionPlan] = deque()
         self._predictions: dict[str, Prediction] = {}
         self._creates: list[CreateCall] = []
@@ -156,6 +193,20 @@ class FakeReplicate(FakeHTTPServer):
     def delay_next(self, route: str, seconds: float, times: int = 1) -> None:
         self.inject(route, Fault(delay=seconds), times)
 
+    def set_rate_limits(
+        self,
+        creates_per_minute: float | None = None,
+        requests_per_minute: float | None = None,
+        burst_s: float = 1.0,
+    ) -> None:
+        """Limit creates and every other API request (None: unlimited); buckets start full."""
+        with self._lock:
+            self._limits = {}
+            if creates_per_minute is not None:
+                self._limits["create"] = TokenBucket(creates_per_minute, burst_s)
+            if requests_per_minute is not None:
+                self._limits["other"] = TokenBucket(requests_per_minute, burst_s)
+
     # ------------------------------------------------------------ accessors
     @property
     def create_count(self) -> int:
@@ -182,11 +233,48 @@ class FakeReplicate(FakeHTTPServer):
         with self._lock:
             return self._predictions[prediction_id].to_json(self.url)
 
+    def status(self, prediction_id: str) -> str:
+        with self._lock:
+            return self._predictions[prediction_id].status
+
+    @property
+    def api_requests(self) -> list[RecordedRequest]:
+        """Every request to the API: what Replicate's rate limits count (downloads are not)."""
+        return [r for r in self.requests if r.route != "file"]
+
+    @property
+    def throttled(self) -> list[RecordedRequest]:
+        """Requests refused with a 429 by the rate limits (not injected faults)."""
+        with self._lock:
+            return list(self._throttled)
+
+    def bills(self, price_per_second: Decimal) -> dict[str, Decimal]:
+        """What the real service bills each prediction so far, at ``price_per_second``."""
+        with self._lock:
+            return {
+                pid: Decimal(str(p.billed_seconds())) * price_per_second
+                for pid, p in self._predictions.items()
+            }
+
+    def billed(self, price_per_second: Decimal) -> Decimal:
+        return sum(self.bills(price_per_second).values(), Decimal(0))
+
     # ------------------------------------------------------------ handlers
     def _default_fault_response(self, status: int) -> Response:
         if status == 429:
             return throttled(1)
         return problem(status, f"Simulated upstream error ({status}).")
+
+    def _admit(self, req: RecordedRequest) -> Response | None:
+        if req.route == "file":
+            return None
+        with self._lock:
+            bucket = self._limits.get("create" if req.route == "create" else "other")
+            wait = bucket.take(req.timestamp) if bucket is not None else 0.0
+            if wait <= 0:
+                return None
+            self._throttled.append(req)
+        return throttled(max(1, math.ceil(wait)))
 
     def _auth_error(self, req: RecordedRequest) -> Response | None:
         if self.api_token is None:
@@ -231,17 +319,22 @@ class FakeReplicate(FakeHTTPServer):
         if isinstance(resolved, Response):
             return resolved
         model, version = resolved
+        cancel_after = req.headers.get("cancel-after")
+        deadline = parse_cancel_after(cancel_after) if cancel_after is not None else None
+        if cancel_after is not None and deadline is None:
+            return problem(422, f"Invalid Cancel-After header: {cancel_after!r}")
         pid = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(26))
         prefer = req.headers.get("prefer")
         with self._lock:
             plan = next((p for p in self._plans if p.applies_to(body["input"])), None)
-            if plan is None:
-                plan = self.default_plan
-            else:
+            if plan is not None:
                 self._plans.remove(plan)
+            else:
+                plan = self._default_plan()
             pred = Prediction(
                 pid, model, version, body["input"], plan, req.timestamp, datetime.now(UTC)
             )
+            pred.deadline = deadline if self.honour_cancel_after else None
             self._predictions[pid] = pred
             call = CreateCall(
                 pid,
@@ -252,16 +345,35 @@ class FakeReplicate(FakeHTTPServer):
                 body["input"],
                 prefer,
                 req.timestamp,
+                cancel_after,
             )
             self._creates.append(call)
         if wait := re.fullmatch(r"\s*wait\s*(?:=\s*(\d+))?\s*", prefer or ""):
-            deadline = req.timestamp + min(int(wait[1] or 60), 60)
-            while pred.status not in TERMINAL and time.monotonic() < deadline:
-                if self._stopping.is_set():
-                    break
-                self._sleep(0.01)
+            self._hold(pred, until=req.timestamp + min(int(wait[1] or 60), 60))
         with self._lock:
             return json_response(201, pred.to_json(self.url))
+
+    def _default_plan(self) -> PredictionPlan:
+        if self.duration_range is None:
+            return self.default_plan
+        duration = self._random.uniform(*self.duration_range)
+        starting = min(1.0, duration / 5)
+        return replace(
+            self.default_plan,
+            duration=round(duration, 3),
+            starting_for=round(starting, 3),
+            predict_time=round(duration - starting, 3),
+        )
+
+    def _hold(self, pred: Prediction, until: float) -> None:
+        """Sync mode: wake when the prediction changes (its own timeline, or a cancel)."""
+        with self._changed:
+            while pred.status not in TERMINAL and not self._stopping.is_set():
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                change = pred.next_change_in()
+                self._changed.wait(min(left, 0.5, change if change is not None else left))
 
     def _lookup(self, req: RecordedRequest, m: re.Match[str]) -> Prediction | Response:
         if err := self._auth_error(req):
@@ -284,14 +396,26 @@ class FakeReplicate(FakeHTTPServer):
         with self._lock:
             self._cancels.append(pred.id)
             pred.cancel()
+            self._changed.notify_all()
             return json_response(200, pred.to_json(self.url))
 
     def _list(self, req: RecordedRequest, m: re.Match[str]) -> Response:
         if err := self._auth_error(req):
             return err
+        try:
+            before = int(req.query.get("cursor", ["-1"])[0])
+        except ValueError:
+            return problem(400, "Invalid cursor.")
         with self._lock:
-            results = [p.to_json(self.url) for p in reversed(self._predictions.values())]
-        return json_response(200, {"next": None, "previous": None, "results": results})
+            newest_first = list(reversed(self._predictions.values()))
+            # The cursor is a position counted from the oldest, so new predictions arriving
+            # between pages do not shift the ones still to come.
+            start = 0 if before < 0 else max(0, len(newest_first) - before)
+            page = newest_first[start : start + self.page_size]
+            results = [p.to_json(self.url) for p in page]
+            left = len(newest_first) - start - len(page)
+        following = f"{self.url}/v1/predictions?cursor={left}" if left > 0 else None
+        return json_response(200, {"next": following, "previous": None, "results": results})
 
     def _version(self, req: RecordedRequest, m: re.Match[str]) -> Response:
         if err := self._auth_error(req):

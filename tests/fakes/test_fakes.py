@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -164,7 +166,7 @@ def test_429_and_retry_after_via_event_hook(fake_replicate: FakeReplicate):
     with pytest.raises(ReplicateError) as info:
         client.predictions.create(version=SDXL_VERSION, input={"prompt": "x"})
     assert info.value.status == 429
-    assert info.value.detail == "Request was throttled. Expected available in 7 seconds."
+    assert info.value.detail == "Request was throttled. Your rate limit resets in ~7s."
     assert seen == ["7"]
     assert client.predictions.create(version=SDXL_VERSION, input={}).status == "starting"
     assert fake_replicate.create_count == 2
@@ -503,3 +505,180 @@ def test_concurrent_clients(fake_replicate: FakeReplicate, fake_storage: FakeSup
     assert len(fake_storage.objects("refs")) == 16
     assert not fake_replicate.handler_errors
     assert not fake_storage.handler_errors
+
+
+# ------------------------------------------------- sync mode, deadlines, limits, billing
+PRICE = Decimal("0.000725")
+
+
+def create_raw(client: replicate.Client, **headers: str) -> dict[str, Any]:
+    """A create with headers ``predictions.create`` cannot send, through the client's own
+    request method (what the worker does); the JSON as it comes, ``aborted`` included."""
+    response = client._request(
+        "POST",
+        "/v1/predictions",
+        json={"version": SDXL_VERSION, "input": {"prompt": "x", "seed": 1}},
+        headers=headers,
+        timeout=httpx.Timeout(70, connect=5),
+    )
+    return response.json()
+
+
+def test_prefer_wait_holds_until_terminal_and_no_longer(
+    fake_replicate: FakeReplicate, rc: replicate.Client
+):
+    fake_replicate.script_next_prediction(duration=0.6, starting_for=0.1, predict_time=0.5)
+    started = time.monotonic()
+    done = create_raw(rc, Prefer="wait=5")
+    took = time.monotonic() - started
+    assert done["status"] == "succeeded" and done["output"]
+    assert 0.6 <= took < 1.5  # answered when it ended, not when the 5 s hold was up
+    fake_replicate.script_next_prediction(duration=3.0, starting_for=0.2)
+    started = time.monotonic()
+    held = create_raw(rc, Prefer="wait=1")
+    assert held["status"] == "processing"  # the prediction as it stands after N s
+    assert 1.0 <= time.monotonic() - started < 2.0
+
+
+def test_cancel_wakes_a_held_create(fake_replicate: FakeReplicate, rc: replicate.Client):
+    fake_replicate.hang_next_prediction()
+    box: list[dict[str, Any]] = []
+    thread = threading.Thread(target=lambda: box.append(create_raw(rc, Prefer="wait=10")))
+    thread.start()
+    while not fake_replicate.creates:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    rc.predictions.cancel(fake_replicate.creates[0].prediction_id)
+    thread.join(timeout=3)
+    assert box and box[0]["status"] == "canceled"
+    assert box[0]["metrics"]["predict_time"] > 0  # it ran, and is billed for that
+
+
+def test_cancel_after_before_start_aborts_unbilled(
+    fake_replicate: FakeReplicate, rc: replicate.Client
+):
+    fake_replicate.script_next_prediction(starting_for=5.0, duration=6.0)
+    started = time.monotonic()
+    aborted = create_raw(rc, Prefer="wait=10", **{"Cancel-After": "1s"})
+    assert 1.0 <= time.monotonic() - started < 2.0
+    assert aborted["status"] == "aborted"
+    assert aborted["started_at"] is None and aborted["completed_at"]
+    assert "predict_time" not in aborted["metrics"]
+    assert fake_replicate.creates[0].cancel_after == "1s"
+    assert fake_replicate.billed(PRICE) == 0
+
+
+def test_cancel_after_while_running_cancels_billed_for_the_time_run(
+    fake_replicate: FakeReplicate, rc: replicate.Client
+):
+    fake_replicate.script_next_prediction(starting_for=0.2, outcome="hang")
+    canceled = create_raw(rc, Prefer="wait=10", **{"Cancel-After": "1s"})
+    assert canceled["status"] == "canceled"
+    assert canceled["started_at"] is not None
+    assert canceled["metrics"]["predict_time"] == pytest.approx(0.8, abs=0.01)
+    pid = canceled["id"]
+    assert fake_replicate.bills(PRICE)[pid] == Decimal("0.8") * PRICE
+    # Past its end nothing changes: an explicit cancel of a finished prediction is a no-op.
+    rc.predictions.cancel(pid)
+    assert fake_replicate.prediction_json(pid)["metrics"]["predict_time"] == 0.8
+
+
+def test_cancel_after_formats_and_a_server_that_ignores_it(
+    fake_replicate: FakeReplicate, rc: replicate.Client
+):
+    from tests.fakes._replicate_model import parse_cancel_after
+
+    assert parse_cancel_after("1m30s") == 90
+    assert parse_cancel_after("250ms") == 0.25
+    assert parse_cancel_after("90") is None and parse_cancel_after("soon") is None
+    with pytest.raises(ReplicateError) as info:
+        create_raw(rc, **{"Cancel-After": "soon"})
+    assert info.value.status == 422
+    fake_replicate.honour_cancel_after = False
+    fake_replicate.hang_next_prediction()
+    assert create_raw(rc, Prefer="wait=1", **{"Cancel-After": "1s"})["status"] == "processing"
+
+
+def test_billing_counts_what_ran(fake_replicate: FakeReplicate, rc: replicate.Client):
+    fake_replicate.script_next_prediction(duration=0.2, predict_time=2.5)
+    fake_replicate.fail_next_prediction()  # failed runs are billed too
+    fake_replicate.script_next_prediction(starting_for=0.1, outcome="hang")
+    ok = create_raw(rc, Prefer="wait=5")
+    failed = create_raw(rc, Prefer="wait=5")
+    hung = create_raw(rc)
+    time.sleep(0.4)
+    rc.predictions.cancel(hung["id"])
+    bills = fake_replicate.bills(PRICE)
+    assert bills[ok["id"]] == Decimal("2.5") * PRICE
+    assert bills[failed["id"]] == Decimal("2.5") * PRICE
+    ran = Decimal(str(fake_replicate.prediction_json(hung["id"])["metrics"]["predict_time"]))
+    assert Decimal("0.25") < ran < Decimal("1.0")
+    assert bills[hung["id"]] == ran * PRICE
+    assert fake_replicate.billed(PRICE) == (Decimal("5") + ran) * PRICE
+
+
+def test_rate_limits_per_endpoint(fake_replicate: FakeReplicate):
+    fake_replicate.set_rate_limits(creates_per_minute=60, requests_per_minute=60)
+    client = make_client(fake_replicate)
+    created = client.predictions.create(version=SDXL_VERSION, input={})
+    with pytest.raises(ReplicateError) as info:  # a POST is never retried by the client
+        client.predictions.create(version=SDXL_VERSION, input={})
+    assert info.value.status == 429
+    assert info.value.detail == "Request was throttled. Your rate limit resets in ~1s."
+    assert len(fake_replicate.throttled) == 1
+    # The other endpoints have a budget of their own: one a second here, then 429.
+    # (Plain httpx: the client's transport would retry the 429 by itself.)
+    url = f"{fake_replicate.url}/v1/predictions/{created.id}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    responses = [httpx.get(url, headers=auth) for _ in range(2)]
+    assert [r.status_code for r in responses] == [200, 429]
+    assert responses[1].headers["Retry-After"] == "1"
+    assert responses[1].json() == {
+        "detail": "Request was throttled. Your rate limit resets in ~1s."
+    }
+    assert [r.route for r in fake_replicate.throttled] == ["create", "get"]
+    time.sleep(1.0)  # a token a second
+    assert httpx.get(url, headers=auth).status_code == 200
+    for _ in range(5):  # downloads are another host's: never limited, never counted
+        assert httpx.get(f"{fake_replicate.url}/files/{created.id}.png").status_code == 200
+    assert all(r.route != "file" for r in fake_replicate.api_requests)
+    assert len(fake_replicate.throttled) == 2
+
+
+def test_the_client_retries_a_throttled_get_by_itself(fake_replicate: FakeReplicate):
+    """Why the worker's limiter sits under the client's RetryTransport: these retries are
+    silent, and each one counts against the limit."""
+    fake_replicate.set_rate_limits(requests_per_minute=60)
+    client = make_client(fake_replicate)
+    pid = client.predictions.create(version=SDXL_VERSION, input={}).id
+    client.predictions.get(pid)
+    started = time.monotonic()
+    client.predictions.get(pid)  # 429, Retry-After: 1, then retried and answered
+    assert time.monotonic() - started >= 0.9
+    assert [r.route for r in fake_replicate.throttled] == ["get"]
+    assert fake_replicate.get_count(pid) == 3
+
+
+def test_list_pages_newest_first_with_inputs(fake_replicate: FakeReplicate):
+    fake_replicate.page_size = 2
+    client = make_client(fake_replicate)
+    for i in range(5):
+        client.predictions.create(version=SDXL_VERSION, input={"prompt": str(i)})
+    first = client.predictions.list()
+    assert [p.input["prompt"] for p in first] == ["4", "3"]
+    client.predictions.create(version=SDXL_VERSION, input={"prompt": "late"})
+    second = client.predictions.list(first.next)  # a newer one does not shift the pages
+    assert [p.input["prompt"] for p in second] == ["2", "1"]
+    third = client.predictions.list(second.next)
+    assert [p.input["prompt"] for p in third] == ["0"] and third.next is None
+
+
+def test_duration_range_draws_realistic_predictions():
+    with FakeReplicate(api_token=TOKEN, duration_range=(5.0, 10.0), seed=3) as fake:
+        client = make_client(fake)
+        for _ in range(5):
+            client.predictions.create(version=SDXL_VERSION, input={})
+        plans = [p.plan for p in fake._predictions.values()]
+    assert all(5.0 <= p.duration <= 10.0 for p in plans)
+    assert len({p.duration for p in plans}) == 5
+    assert all(p.predict_time == pytest.approx(p.duration - (p.starting_for or 0)) for p in plans)

@@ -26,22 +26,13 @@ from tasks.harness import JobRunner, WorkerProcess, base_worker_env
 from tasks.localredis import RedisServer
 from tests.fakes.replicate_server import FakeReplicate
 from worker import constants as c
+from worker.budget import from_nano, to_nano
 from worker.models import ImageOutcome
 from worker.threshold import decide_status
 
 PRICE = Decimal("0.000725")  # the worker's default $/s of predict_time
 LEASE_TTL_S = 2.0
 PREDICTION_S = 1.0
-
-
-def server_billed(fake: FakeReplicate) -> Decimal:
-    """What Replicate would bill: the run time of every prediction created."""
-    total = Decimal(0)
-    for call in fake.creates:
-        metrics = fake.prediction_json(call.prediction_id).get("metrics") or {}
-        if "predict_time" in metrics:
-            total += Decimal(str(metrics["predict_time"])) * PRICE
-    return total
 
 
 @dataclass
@@ -247,7 +238,10 @@ def collect(cluster: Cluster, listener: LiveListener, report: Report, timeout_s:
     report.creates_per_image = Counter(
         f"{call.input['seed']} {_image_of(call.input['prompt'])}" for call in cluster.fake.creates
     )
-    report.billed = server_billed(cluster.fake)
+    # Each bill rounded up to the nano-dollar, as the ledger records money.
+    report.billed = sum(
+        (from_nano(to_nano(b)) for b in cluster.fake.bills(PRICE).values()), Decimal(0)
+    )
     report.crashed = cluster.crashed
     report.log_tails = {
         name: w.log_path.read_text(errors="replace")[-4000:]

@@ -32,7 +32,7 @@ def cluster(tmp_path) -> Iterator[tuple[JobRunner, FakeReplicate]]:
             REPLICATE_BASE_URL=replicate.url,
             SUPABASE_URL=supabase.url,
             SUPABASE_SERVICE_KEY=key,
-            REPLICATE_CREATES_PER_SECOND=str(LIMIT),
+            REPLICATE_CREATES_PER_MINUTE=str(LIMIT * 60),
             REFERENCE_GEN_CONCURRENCY="4",
         )
         runner = JobRunner(broker.url)

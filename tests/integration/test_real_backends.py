@@ -176,7 +176,7 @@ def test_500_twice_fails_the_image_after_one_retry(
     )
 
 
-def test_prediction_past_its_deadline_is_cancelled(
+def test_prediction_past_its_deadline_is_ended_by_replicate(
     real_worker, run_real, load_plan, replicate_fake
 ) -> None:
     since = len(replicate_fake.creates)
@@ -187,9 +187,13 @@ def test_prediction_past_its_deadline_is_cancelled(
     failed = run.of("reference_generation_failed", image_id="rooftop")
     assert failed[0]["reason"] == f"Timed out after {DEADLINE_S} s"
     assert failed[0]["retry_count"] == 1
-    hung = [call.prediction_id for call in creates_for(replicate_fake, ROOFTOP, since)]
+    hung = creates_for(replicate_fake, ROOFTOP, since)
     assert len(hung) == 2
-    assert set(hung) <= set(replicate_fake.cancels)
+    # Each create carried the attempt's deadline, and Replicate kept it: no explicit cancel
+    # was needed, and neither prediction runs on.
+    assert {call.cancel_after for call in hung} == {f"{DEADLINE_S}s"}
+    assert {replicate_fake.status(call.prediction_id) for call in hung} == {"canceled"}
+    assert not set(call.prediction_id for call in hung) & set(replicate_fake.cancels)
 
 
 def test_nsfw_failure_is_not_retried(real_worker, run_real, load_plan, replicate_fake) -> None:
@@ -221,7 +225,7 @@ def test_upload_too_large_fails_the_image_with_a_clear_reason(
     assert run.result["status"] == "partial"
 
 
-def test_killed_pool_process_resumes_the_same_prediction(
+def test_killed_pool_process_adopts_the_same_prediction(
     real_env, module_redis, log_dir, run_real, load_plan, replicate_fake, real_worker
 ) -> None:
     real_worker.stop()  # this test wants the only worker to be the one it kills
@@ -231,7 +235,9 @@ def test_killed_pool_process_resumes_the_same_prediction(
         plan = load_plan("minimal_1x1")
         since = len(replicate_fake.creates)
         # Slower than the time to kill, shorter than the deadline.
-        replicate_fake.script_next_prediction(duration=2.5, prompt_contains="pine forest")
+        replicate_fake.script_next_prediction(
+            duration=2.5, predict_time=2.0, prompt_contains="pine forest"
+        )
         run_real.client.send_task(
             "reference_generator.start", kwargs={"job_id": plan["job_id"], "plan": plan}
         )
@@ -239,7 +245,7 @@ def test_killed_pool_process_resumes_the_same_prediction(
         while not creates_for(replicate_fake, "pine forest", since):
             assert time.monotonic() < deadline, "the prediction was never created"
             time.sleep(0.1)
-        time.sleep(0.8)  # the pool process is now polling
+        time.sleep(0.8)  # the pool process is now held in its sync create
         children = subprocess.run(
             ["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True, check=False
         ).stdout.split()
@@ -251,10 +257,16 @@ def test_killed_pool_process_resumes_the_same_prediction(
         assert result["status"] == "success"
         forest = creates_for(replicate_fake, "pine forest", since)
         assert len(forest) == 1, "the redelivered task paid for a second prediction"
-        gets = replicate_fake.requests_for(route="get")
-        polled = [g for g in gets if g.path.endswith(forest[0].prediction_id)]
-        assert polled[-1].timestamp > forest[0].timestamp + 0.8
-        assert '"prediction_resumed"' in (log_dir / "prefork.log").read_text()
+        # The create's answer died with the process: the next delivery found the prediction
+        # among the account's recent ones, by its input.
+        lists = replicate_fake.requests_for(route="list")
+        assert lists and lists[-1].timestamp > forest[0].timestamp + 0.8
+        assert '"prediction_adopted"' in (log_dir / "prefork.log").read_text()
+        bills = replicate_fake.bills(c.DEFAULT_HARDWARE_PRICE_PER_S)
+        billed = sum(
+            (bills[call.prediction_id] for call in replicate_fake.creates[since:]), Decimal(0)
+        )
+        assert Decimal(result["total_cost"]) == billed  # two images, each billed once
     finally:
         worker.stop()
         real_worker.start(run_real.client)

@@ -1,32 +1,35 @@
-"""The Replicate generator through the official client against a local Replicate-like server."""
+"""The Replicate generator through the official client against a local Replicate-like server,
+with its checkpoints in a real redis-server."""
 
 from __future__ import annotations
 
+import itertools
 import secrets
+import threading
 import time
+import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
+import redis
 
 from tests.fakes.replicate_server import FakeReplicate
 from worker import constants as c
-from worker.errors import ContentRejectedError, ImageTimeoutError, PermanentError, RetryableError
-from worker.generation import GenerationRequest, PredictionRef
+from worker.errors import (
+    ContentRejectedError,
+    ImageTimeoutError,
+    PermanentError,
+    RefgenError,
+    RetryableError,
+)
+from worker.generation import GenerationRequest
+from worker.generation.checkpoints import RedisPredictionCheckpoints
 from worker.generation.replicate import ReplicateImageGenerator
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-class MemoryCheckpoints:
-    def __init__(self) -> None:
-        self.saved: dict[tuple[str, str], PredictionRef] = {}
-
-    def saved_prediction(self, job_id: str, image_key: str) -> PredictionRef | None:
-        return self.saved.get((job_id, image_key))
-
-    def save_prediction(self, job_id: str, image_key: str, ref: PredictionRef) -> None:
-        self.saved[(job_id, image_key)] = ref
+PRICE = c.DEFAULT_HARDWARE_PRICE_PER_S
 
 
 @pytest.fixture
@@ -35,45 +38,72 @@ def token() -> str:
 
 
 @pytest.fixture
-def fake(token: str):
+def fake(token: str) -> Iterator[FakeReplicate]:
     with FakeReplicate(api_token=token) as server:
         yield server
 
 
 @pytest.fixture
-def checkpoints() -> MemoryCheckpoints:
-    return MemoryCheckpoints()
+def checkpoints(redis_client: redis.Redis) -> RedisPredictionCheckpoints:
+    return RedisPredictionCheckpoints(redis_client, ttl_s=3600)
+
+
+@pytest.fixture
+def job_id() -> str:
+    return f"job-{uuid.uuid4().hex[:8]}"
+
+
+def build(
+    fake: FakeReplicate,
+    token: str,
+    checkpoints: RedisPredictionCheckpoints,
+    monkeypatch: pytest.MonkeyPatch,
+    **kwargs: object,
+) -> ReplicateImageGenerator:
+    monkeypatch.setenv("REPLICATE_BASE_URL", fake.url)  # the client's own variable
+    environment = kwargs.pop("environment", "production")
+    settings = Settings(replicate_api_token=token, environment=environment, storage_backend="local")
+    return ReplicateImageGenerator.from_settings(settings, checkpoints, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def generator(fake, token, checkpoints, monkeypatch) -> ReplicateImageGenerator:
-    monkeypatch.setenv("REPLICATE_BASE_URL", fake.url)  # the client's own variable
-    settings = Settings(
-        replicate_api_token=token, environment="production", storage_backend="local"
-    )
-    built = ReplicateImageGenerator.from_settings(settings, checkpoints)
-    built._poll_interval_s = 0.05
-    return built
+    return build(fake, token, checkpoints, monkeypatch)
 
 
-def request(deadline_s: float = 10, prompt: str = "a neon street") -> GenerationRequest:
-    return GenerationRequest(
-        job_id="job-1",
-        image_id="street",
-        image_key="scene_street",
-        prompt=prompt,
-        negative_prompt=c.NEGATIVE_PROMPT,
-        seed=42,
-        deadline_s=deadline_s,
-    )
+@pytest.fixture
+def request_for(job_id: str):
+    def make(deadline_s: float = 10, prompt: str = "a neon street", attempt: int = 0):
+        return GenerationRequest(
+            job_id=job_id,
+            image_id="street",
+            image_key="scene_street",
+            prompt=prompt,
+            negative_prompt=c.NEGATIVE_PROMPT,
+            seed=42,
+            attempt=attempt,
+            deadline_s=deadline_s,
+        )
+
+    return make
 
 
-def test_sends_the_exact_version_and_inputs(generator, fake) -> None:
-    image = generator.generate(request())
-    assert len(fake.creates) == 1
+def billed_by(error: RefgenError) -> Decimal:
+    assert error.billed is not None, "an error after a paid call carries its bill"
+    return error.billed.cost
+
+
+# ----------------------------------------------------------------------- the common case
+def test_one_request_per_image_with_exact_version_inputs_and_deadline(
+    generator, fake, request_for
+) -> None:
+    image = generator.generate(request_for(deadline_s=10))
+    assert [r.route for r in fake.api_requests] == ["create"]  # sync mode: nothing to poll
     call = fake.creates[0]
     assert call.path == "/v1/predictions"
     assert call.version_field == c.SDXL_VERSION
+    # Whole seconds: the hold never outlasts the time left, the deadline never falls short.
+    assert call.prefer == "wait=9" and call.cancel_after == "10s"
     assert call.input == {
         "prompt": "a neon street",
         "negative_prompt": c.NEGATIVE_PROMPT,
@@ -87,106 +117,266 @@ def test_sends_the_exact_version_and_inputs(generator, fake) -> None:
         "seed": 42,
     }
     assert image.png.startswith(b"\x89PNG")
-    assert image.cost == Decimal("2.5") * Decimal("0.000725")
+    assert image.cost == Decimal("2.5") * PRICE == fake.billed(PRICE)
     assert not image.cost_is_fallback
     assert image.prediction_id == call.prediction_id
 
 
-def test_development_uses_25_steps(fake, token, checkpoints, monkeypatch) -> None:
-    monkeypatch.setenv("REPLICATE_BASE_URL", fake.url)
-    settings = Settings(
-        replicate_api_token=token, environment="development", storage_backend="local"
-    )
-    ReplicateImageGenerator.from_settings(settings, checkpoints).generate(request())
+def test_sync_wait_is_capped_at_60_s_and_the_deadline_is_rounded_up(
+    generator, fake, request_for
+) -> None:
+    generator.generate(request_for(deadline_s=120.4))
+    assert (fake.creates[0].prefer, fake.creates[0].cancel_after) == ("wait=60", "121s")
+
+
+def test_development_uses_25_steps(fake, token, checkpoints, monkeypatch, request_for) -> None:
+    build(fake, token, checkpoints, monkeypatch, environment="development").generate(request_for())
     assert fake.creates[0].input["num_inference_steps"] == 25
 
 
-def test_missing_predict_time_falls_back_to_flat_price(generator, fake) -> None:
+def test_missing_predict_time_falls_back_to_flat_price(generator, fake, request_for) -> None:
     fake.script_next_prediction(predict_time=None)
-    image = generator.generate(request())
+    image = generator.generate(request_for())
     assert (image.cost, image.cost_is_fallback) == (Decimal("0.005"), True)
 
 
-def test_429_on_create_carries_retry_after(generator, fake) -> None:
+def test_an_answer_that_is_not_final_is_polled_less_and_less_often(
+    generator, fake, request_for, monkeypatch
+) -> None:
+    # A server that answers the held create early (as Replicate may once outputs exist).
+    monkeypatch.setattr(fake, "_hold", lambda pred, until: time.sleep(0.2))
+    fake.script_next_prediction(duration=1.8, starting_for=0.1)
+    image = generator.generate(request_for(deadline_s=10))
+    gets = [r.timestamp for r in fake.requests_for("get")]
+    gaps = [b - a for a, b in itertools.pairwise(gets)]
+    assert len(gets) == 3  # at 0.45, 0.95, 1.95 s: the third sees it finished
+    assert gaps == sorted(gaps) and gaps[-1] > 1.5 * gaps[0]
+    assert image.prediction_id == fake.creates[0].prediction_id
+
+
+# ----------------------------------------------------------------------- errors
+def test_429_on_create_carries_retry_after(generator, fake, request_for) -> None:
     fake.throttle_next_creates(retry_after=3)
     with pytest.raises(RetryableError) as info:
-        generator.generate(request())
+        generator.generate(request_for())
     assert info.value.retry_after_s == 3.0
     assert info.value.reason == "Rate limited by Replicate"
+    assert info.value.billed is None  # nothing was created
 
 
-def test_5xx_is_retryable_and_401_is_not(generator, fake) -> None:
+def test_5xx_is_retryable_and_401_is_not(generator, fake, request_for) -> None:
     fake.fail_next_creates(status=500)
     with pytest.raises(RetryableError, match="HTTP 500"):
-        generator.generate(request())
+        generator.generate(request_for())
     fake.api_token = "r8_" + secrets.token_hex(16)
     with pytest.raises(PermanentError, match="HTTP 401") as info:
-        generator.generate(request())
+        generator.generate(request_for(attempt=1))
     assert not isinstance(info.value, RetryableError)
 
 
-def test_nsfw_failure_is_a_readable_content_rejection(generator, fake) -> None:
+def test_nsfw_failure_is_a_content_rejection_and_is_billed(generator, fake, request_for) -> None:
     fake.fail_next_prediction()
-    with pytest.raises(ContentRejectedError, match="NSFW"):
-        generator.generate(request())
+    with pytest.raises(ContentRejectedError, match="NSFW") as info:
+        generator.generate(request_for())
+    assert billed_by(info.value) == Decimal("2.5") * PRICE == fake.billed(PRICE)
+    assert info.value.billed.ref == fake.creates[0].prediction_id
 
 
-def test_deadline_cancels_the_prediction(generator, fake) -> None:
-    fake.hang_next_prediction()
-    started = time.monotonic()
-    with pytest.raises(ImageTimeoutError, match=r"Timed out after 0\.5 s"):
-        generator.generate(request(deadline_s=0.5))
-    assert time.monotonic() - started < 5
-    assert fake.cancels == [fake.creates[0].prediction_id]
-
-
-def test_a_saved_prediction_is_resumed_not_created_again(generator, fake, checkpoints) -> None:
-    fake.script_next_prediction(duration=1.0)
-    first = fake_create(generator, fake)
-    checkpoints.save_prediction("job-1", "scene_street", PredictionRef(first, time.time()))
-    image = generator.generate(request())
-    assert fake.create_count == 1
-    assert image.prediction_id == first
-
-
-def test_a_failed_saved_prediction_is_replaced(generator, fake, checkpoints) -> None:
-    fake.fail_next_prediction(error="CUDA out of memory")
-    first = fake_create(generator, fake)
-    time.sleep(0.5)
-    checkpoints.save_prediction("job-1", "scene_street", PredictionRef(first, time.time()))
-    image = generator.generate(request())
-    assert fake.create_count == 2 and image.prediction_id != first
-
-
-def test_wrong_output_size_is_refused(fake, token, checkpoints, monkeypatch) -> None:
+def test_wrong_output_size_is_refused_and_billed(generator, fake, request_for) -> None:
     from tests.fakes.replicate_server import make_png
 
     fake.script_next_prediction(image_bytes=make_png(512, 512))
-    monkeypatch.setenv("REPLICATE_BASE_URL", fake.url)
-    settings = Settings(replicate_api_token=token, storage_backend="local")
-    with pytest.raises(PermanentError, match="512×512"):
-        ReplicateImageGenerator.from_settings(settings, checkpoints).generate(request())
+    with pytest.raises(PermanentError, match="512×512") as info:
+        generator.generate(request_for())
+    assert billed_by(info.value) == fake.billed(PRICE) > 0
 
 
-def test_a_hung_create_times_out_instead_of_blocking(fake, token, checkpoints, monkeypatch) -> None:
-    """The client sends create with timeout=None; the worker restores one."""
-    monkeypatch.setenv("REPLICATE_BASE_URL", fake.url)
-    settings = Settings(replicate_api_token=token, storage_backend="local")
-    generator = ReplicateImageGenerator.from_settings(settings, checkpoints, http_timeout_s=1)
+def test_a_hung_create_times_out_instead_of_blocking(
+    fake, token, checkpoints, monkeypatch, request_for
+) -> None:
+    generator = build(fake, token, checkpoints, monkeypatch, http_timeout_s=1)
     fake.delay_next("create", seconds=8)
     started = time.monotonic()
     with pytest.raises(RetryableError, match="did not answer in time"):
-        generator.generate(request())
-    assert time.monotonic() - started < 6
+        generator.generate(request_for(deadline_s=2))  # held at most 2 s, read timeout 2 + 1
+    assert time.monotonic() - started < 5
 
 
-def test_the_token_never_reaches_the_output_host(generator, fake, token) -> None:
-    generator.generate(request())
+def test_the_token_never_reaches_the_output_host(generator, fake, token, request_for) -> None:
+    generator.generate(request_for())
     downloads = fake.requests_for(route="file")
     assert downloads
     assert all("authorization" not in r.headers for r in downloads)
 
 
-def fake_create(generator: ReplicateImageGenerator, fake: FakeReplicate) -> str:
-    prediction = generator._client.predictions.create(version=c.SDXL_VERSION, input={"prompt": "x"})
-    return str(prediction.id)
+# ----------------------------------------------------------------------- deadlines
+def test_a_deadline_before_the_start_aborts_unbilled(generator, fake, request_for) -> None:
+    fake.script_next_prediction(starting_for=30, duration=40)  # no hardware free in time
+    started = time.monotonic()
+    with pytest.raises(ImageTimeoutError, match="before Replicate started the image") as info:
+        generator.generate(request_for(deadline_s=1.5))
+    assert time.monotonic() - started < 3.5
+    pid = fake.creates[0].prediction_id
+    assert fake.status(pid) == "aborted"
+    assert billed_by(info.value) == 0 == fake.billed(PRICE)
+    assert fake.cancels == []  # Replicate ended it: nothing for the worker to cancel
+
+
+def test_a_deadline_while_running_is_enforced_by_replicate_and_billed(
+    generator, fake, request_for
+) -> None:
+    fake.script_next_prediction(outcome="hang", starting_for=0.3)
+    with pytest.raises(ImageTimeoutError, match=r"^Timed out after 2 s$") as info:
+        generator.generate(request_for(deadline_s=2))
+    pid = fake.creates[0].prediction_id
+    assert fake.status(pid) == "canceled"
+    assert fake.cancels == []
+    assert billed_by(info.value) == fake.bills(PRICE)[pid] > 0  # the 1.7 s it ran
+
+
+def test_a_server_ignoring_the_deadline_gets_an_explicit_cancel(
+    generator, fake, request_for
+) -> None:
+    fake.honour_cancel_after = False
+    fake.hang_next_prediction()
+    started = time.monotonic()
+    with pytest.raises(ImageTimeoutError, match=r"Timed out after 1 s") as info:
+        generator.generate(request_for(deadline_s=1))
+    assert time.monotonic() - started < 4  # the deadline, the grace, the cancel
+    pid = fake.creates[0].prediction_id
+    assert fake.cancels == [pid] and fake.status(pid) == "canceled"
+    assert billed_by(info.value) == fake.bills(PRICE)[pid] > 0  # read back after the cancel
+
+
+def test_an_exception_while_waiting_cancels_the_prediction(
+    generator, fake, request_for, monkeypatch
+) -> None:
+    monkeypatch.setattr(fake, "_hold", lambda pred, until: None)  # answers at once
+    fake.hang_next_prediction()
+    fake.fail_next_gets(status=404)  # the first poll breaks
+    with pytest.raises(PermanentError, match="HTTP 404") as info:
+        generator.generate(request_for())
+    pid = fake.creates[0].prediction_id
+    assert fake.cancels == [pid]
+    assert info.value.billed is not None and info.value.billed.ref == pid
+
+
+# ----------------------------------------------------------------------- crash safety
+def test_a_saved_prediction_is_resumed_not_created_again(
+    generator, fake, checkpoints, job_id, request_for
+) -> None:
+    fake.script_next_prediction(duration=1.0)
+    first = create_directly(generator, request_for())
+    checkpoints.save_intent(job_id, "scene_street", 0)
+    checkpoints.save_prediction(job_id, "scene_street", 0, first)
+    image = generator.generate(request_for())
+    assert fake.create_count == 1
+    assert image.prediction_id == first
+
+
+def test_a_failed_saved_prediction_is_this_attempts_failure_not_a_new_create(
+    generator, fake, checkpoints, job_id, request_for
+) -> None:
+    fake.fail_next_prediction(error="CUDA out of memory")
+    first = create_directly(generator, request_for())
+    time.sleep(0.5)
+    checkpoints.save_intent(job_id, "scene_street", 0)
+    checkpoints.save_prediction(job_id, "scene_street", 0, first)
+    with pytest.raises(PermanentError, match="CUDA out of memory") as info:
+        generator.generate(request_for(attempt=0))
+    assert fake.create_count == 1 and billed_by(info.value) > 0
+    image = generator.generate(request_for(attempt=1))  # the next attempt starts afresh
+    assert fake.create_count == 2 and image.prediction_id != first
+
+
+def test_an_intent_without_an_id_adopts_the_prediction_it_created(
+    generator, fake, checkpoints, job_id, request_for
+) -> None:
+    """The worker died while its create was held open: the create went out, its answer was
+    lost. The next delivery finds the prediction by its input instead of paying again."""
+    fake.page_size = 2  # the match is on a later page
+    checkpoints.save_intent(job_id, "scene_street", 0)
+    lost = create_directly(generator, request_for())
+    for i in range(3):  # the account is busy meanwhile
+        create_directly(generator, request_for(prompt=f"another job {i}"))
+    image = generator.generate(request_for())
+    assert image.prediction_id == lost
+    assert fake.create_count == 4  # no fifth
+    assert [cp.prediction_id for cp in checkpoints.load(job_id)] == [lost]
+
+
+def test_an_intent_whose_create_never_arrived_creates_once(
+    generator, fake, checkpoints, job_id, request_for
+) -> None:
+    checkpoints.save_intent(job_id, "scene_street", 0)
+    # An older prediction with the same input (an earlier attempt) is not this intent's.
+    image = generator.generate(request_for())
+    assert fake.create_count == 1
+    assert [r.route for r in fake.api_requests] == ["list", "create"]
+    assert checkpoints.load(job_id)[0].prediction_id == image.prediction_id
+
+
+def test_an_earlier_attempts_prediction_is_never_adopted(
+    generator, fake, checkpoints, job_id, request_for
+) -> None:
+    first = generator.generate(request_for(attempt=0)).prediction_id
+    checkpoints.save_intent(job_id, "scene_street", 1)  # attempt 1 died before its create
+    second = generator.generate(request_for(attempt=1)).prediction_id
+    assert second != first and fake.create_count == 2
+
+
+# ----------------------------------------------------------------------- a doomed job
+def test_cancel_in_flight_stops_a_held_create_and_its_delivery_fails_billed(
+    generator, fake, checkpoints, job_id, request_for
+) -> None:
+    fake.script_next_prediction(outcome="hang", starting_for=0.1)
+    errors: list[BaseException] = []
+
+    def deliver() -> None:
+        try:
+            generator.generate(request_for(deadline_s=30))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=deliver)
+    thread.start()
+    while not fake.creates:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    cancelled = generator.cancel_in_flight(job_id, [request_for()])
+    thread.join(timeout=5)
+    pid = fake.creates[0].prediction_id
+    assert cancelled == [pid] and fake.status(pid) == "canceled"
+    assert len(errors) == 1 and isinstance(errors[0], PermanentError)
+    assert errors[0].reason.startswith("Cancelled:")
+    assert billed_by(errors[0]) == fake.bills(PRICE)[pid] > 0
+    # The job creates nothing more, whichever delivery comes next.
+    with pytest.raises(PermanentError, match=r"^Cancelled:") as info:
+        generator.generate(request_for(attempt=1))
+    assert info.value.billed is None and fake.create_count == 1
+
+
+def test_cancel_in_flight_cancels_checkpointed_predictions_only_while_running(
+    generator, fake, checkpoints, job_id, request_for
+) -> None:
+    done = generator.generate(request_for()).prediction_id  # finished: nothing to stop
+    fake.hang_next_prediction()
+    running = create_directly(generator, request_for(prompt="a pier"))
+    checkpoints.save_intent(job_id, "scene_pier", 0)
+    checkpoints.save_prediction(job_id, "scene_pier", 0, running)
+    pier = GenerationRequest(job_id, "pier", "scene_pier", "a pier", c.NEGATIVE_PROMPT, seed=42)
+    cancelled = generator.cancel_in_flight(job_id, [request_for(), pier])
+    assert cancelled == [running]
+    assert fake.status(done) == "succeeded" and fake.status(running) == "canceled"
+
+
+def create_directly(generator: ReplicateImageGenerator, request: GenerationRequest) -> str:
+    """A prediction created behind the generator's back, as a dead worker's create was."""
+    prediction = generator._api.create(
+        c.SDXL_VERSION,
+        generator.model_input(request),
+        wait_s=None,
+        cancel_after_s=60,
+        until=time.monotonic() + 5,
+    )
+    return prediction.id

@@ -1,19 +1,34 @@
-"""The shared create limit, against a real redis-server (its Lua and clock are the point)."""
+"""Replicate's request budget, against a real redis-server (its Lua and clock are the point),
+and the transport that enforces it on every request the official client sends."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import httpx
 import pytest
+import replicate
 
+from worker import constants as c
 from worker.errors import RateLimitedError
-from worker.ratelimit import BACKOFF, CREATES, RedisRateGate
+from worker.ratelimit import (
+    ADMITTED_EXTENSION,
+    CREATE,
+    DEADLINE_EXTENSION,
+    OTHER,
+    BudgetTransport,
+    RedisRateGate,
+    ReplicateBudget,
+    request_kind,
+    window_for,
+)
 
 
 @pytest.fixture(autouse=True)
 def clean(redis_client) -> None:
-    redis_client.delete(CREATES, BACKOFF)
+    for kind in (CREATE, OTHER):
+        redis_client.delete(c.replicate_limit_key(kind), c.replicate_backoff_key(kind))
 
 
 def test_no_more_than_the_limit_in_any_window_across_threads(redis_client) -> None:
@@ -54,3 +69,100 @@ def test_gives_up_retryably_past_its_deadline(redis_client) -> None:
     with pytest.raises(RateLimitedError) as info:
         gate.acquire(deadline_s=0.2)
     assert info.value.retry_after_s is not None and info.value.retry_after_s > 1
+
+
+def test_a_limit_a_minute_is_paced_a_second_at_a_time() -> None:
+    assert window_for(600) == (10, 1.0)
+    assert window_for(3000) == (50, 1.0)
+    assert window_for(120) == (2, 1.0)
+    assert window_for(30) == (1, 2.0)  # below one a second: one per window, same rate
+
+
+def test_the_two_kinds_have_separate_windows_and_back_offs(redis_client) -> None:
+    budget = ReplicateBudget.in_redis(redis_client, creates_per_minute=60, requests_per_minute=120)
+    budget.admit(CREATE, time.monotonic() + 1)
+    with pytest.raises(RateLimitedError):  # one create a second
+        budget.admit(CREATE, time.monotonic() + 0.3)
+    budget.admit(OTHER, time.monotonic() + 0.1)  # the other budget is untouched
+    budget.admit(OTHER, time.monotonic() + 0.1)
+    budget.back_off(OTHER, 0.5)
+    started = time.monotonic()
+    budget.admit(OTHER, time.monotonic() + 2)
+    assert time.monotonic() - started >= 0.4
+    for kind in (CREATE, OTHER):
+        assert redis_client.pttl(c.replicate_limit_key(kind)) > 0  # nothing kept for ever
+
+
+# ----------------------------------------------------------------------- the transport
+class RecordingBudget:
+    def __init__(self) -> None:
+        self.admitted: list[tuple[str, float]] = []
+        self.backed_off: list[tuple[str, float]] = []
+
+    def admit(self, kind: str, until: float) -> None:
+        self.admitted.append((kind, until))
+
+    def back_off(self, kind: str, seconds: float) -> None:
+        self.backed_off.append((kind, seconds))
+
+
+def replicate_like(request: httpx.Request) -> httpx.Response:
+    if request.url.path.endswith("/throttled"):
+        return httpx.Response(
+            429, json={"detail": "Request was throttled."}, headers={"Retry-After": "7"}
+        )
+    return httpx.Response(200, json={"ok": True})
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kind"),
+    [
+        ("POST", "/v1/predictions", CREATE),
+        ("POST", "/v1/models/stability-ai/sdxl/predictions", CREATE),
+        ("POST", "/v1/deployments/acme/app/predictions", CREATE),
+        ("POST", "/v1/predictions/abc/cancel", OTHER),
+        ("GET", "/v1/predictions/abc", OTHER),
+        ("GET", "/v1/predictions", OTHER),
+    ],
+)
+def test_requests_are_told_apart(method: str, path: str, kind: str) -> None:
+    assert request_kind(httpx.Request(method, f"https://api.replicate.com{path}")) == kind
+
+
+def test_every_request_waits_for_its_budget_and_a_429_backs_off_its_kind() -> None:
+    budget, throttled = RecordingBudget(), []
+    transport = BudgetTransport(
+        httpx.MockTransport(replicate_like), budget, on_throttled=lambda: throttled.append(1)
+    )
+    with httpx.Client(transport=transport, base_url="https://api.replicate.com") as client:
+        until = time.monotonic() + 42
+        client.post("/v1/predictions", json={}, extensions={DEADLINE_EXTENSION: until})
+        client.get("/v1/predictions/abc")
+        client.post("/v1/predictions", json={}, extensions={ADMITTED_EXTENSION: True})
+        assert client.get("/v1/throttled").status_code == 429
+    assert budget.admitted[0] == (CREATE, until)
+    assert budget.admitted[1][0] == OTHER and budget.admitted[1][1] > time.monotonic() + 20
+    assert [k for k, _ in budget.admitted] == [CREATE, OTHER, OTHER]  # admitted: not again
+    assert budget.backed_off == [(OTHER, 7.0)] and throttled == [1]
+
+
+def test_the_clients_own_retries_pass_through_the_budget() -> None:
+    """replicate's RetryTransport retries a throttled GET by itself; each retry is counted."""
+    calls: list[str] = []
+
+    def throttle_twice(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) <= 2:
+            return httpx.Response(429, json={"detail": "throttled"}, headers={"Retry-After": "0"})
+        return httpx.Response(200, json={"id": "abc", "status": "processing"})
+
+    budget = RecordingBudget()
+    client = replicate.Client(
+        api_token="r8_unit_test_token_made_here",
+        base_url="https://api.replicate.com",
+        transport=BudgetTransport(httpx.MockTransport(throttle_twice), budget),
+    )
+    assert client._client.get("/v1/predictions/abc").status_code == 200
+    assert len(calls) == 3
+    assert [k for k, _ in budget.admitted] == [OTHER] * 3
+    assert [k for k, _ in budget.backed_off] == [OTHER] * 2

@@ -131,3 +131,34 @@ def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> N
     settings = Settings()
     assert settings.replicate_api_token is None
     assert settings.resolved_generator_backend() == "local"
+
+
+RATE_VARS = (
+    "REPLICATE_CREATES_PER_MINUTE",
+    "REPLICATE_REQUESTS_PER_MINUTE",
+    "REPLICATE_CREATES_PER_SECOND",
+)
+
+
+def test_replicate_limits_default_to_the_providers(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in RATE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings()
+    assert (settings.replicate_creates_per_minute, settings.replicate_requests_per_minute) == (
+        600,
+        3000,
+    )
+
+
+def test_the_old_per_second_limit_still_works_unless_per_minute_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in RATE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REPLICATE_CREATES_PER_SECOND", "5")
+    assert Settings().replicate_creates_per_minute == 300
+    monkeypatch.setenv("REPLICATE_CREATES_PER_MINUTE", "120")
+    assert Settings().replicate_creates_per_minute == 120
+    monkeypatch.setenv("REPLICATE_CREATES_PER_SECOND", "many")
+    with pytest.raises(ValidationError, match="replicate_creates_per_second"):
+        Settings()

@@ -18,6 +18,7 @@ class GenerationRequest:
     seed: int
     palette: list[str] = field(default_factory=list)
     attempt: int = 0
+    # The time left in this attempt: the generator's deadline, and the provider's.
     deadline_s: float = 120.0
 
 
@@ -33,34 +34,49 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class Bill:
-    """What a provider charged for one paid call; ``ref`` names the call (a prediction id), so
-    that a call resumed or reported twice is charged once."""
+    """What the provider charged for one paid call; ``ref`` names it (a prediction id), so a
+    ledger keyed by it charges each call once however often it is reported."""
 
     ref: str
     cost: Decimal
 
 
 @dataclass(frozen=True)
-class PredictionRef:
-    """A remote prediction in flight: enough to resume it after a redelivery."""
+class PredictionCheckpoint:
+    """One attempt at one image on a remote service: the intent to create a prediction,
+    written just before the create, and the prediction's id once it is known."""
 
-    id: str
-    created_at: float
+    image_key: str
+    attempt: int
+    intent_at: float  # unix seconds on the Redis server's clock
+    age_s: float  # seconds since the intent, on the same clock, when it was read
+    prediction_id: str | None = None
 
 
 class PredictionCheckpoints(Protocol):
-    def saved_prediction(self, job_id: str, image_key: str) -> PredictionRef | None: ...
+    def load(self, job_id: str) -> list[PredictionCheckpoint]:
+        """Every checkpoint of the job, every image and attempt."""
+        ...
 
-    def save_prediction(self, job_id: str, image_key: str, ref: PredictionRef) -> None: ...
+    def save_intent(self, job_id: str, image_key: str, attempt: int) -> PredictionCheckpoint | None:
+        """Note that a create is about to leave. None when the job's predictions have been
+        cancelled: then nothing may be created for it."""
+        ...
+
+    def save_prediction(
+        self, job_id: str, image_key: str, attempt: int, prediction_id: str
+    ) -> None: ...
+
+    def mark_cancelled(self, job_id: str) -> None: ...
 
 
 class ImageGenerator(Protocol):
-    """Makes one 1024×1024 PNG. Raises ``RetryableError`` or ``PermanentError`` only; an
-    error raised after the provider billed for the attempt carries its ``billed``."""
+    """Makes one 1024×1024 PNG. Raises ``RetryableError`` or ``PermanentError`` only; an error
+    raised after a paid call ran carries its ``billed``."""
 
     def generate(self, request: GenerationRequest) -> GeneratedImage: ...
 
     def cancel_in_flight(self, job_id: str, requests: Sequence[GenerationRequest]) -> list[str]:
-        """Cancel whatever of these images is still running at the provider (a job that can
-        no longer pass stops paying); returns what was cancelled."""
+        """Stop paying for a job: cancel every prediction of these images still running, and
+        create none for the job from now on. Returns the ids cancelled."""
         ...

@@ -74,7 +74,7 @@ class LocalImageGenerator:
         )
 
     def cancel_in_flight(self, job_id: str, requests: Sequence[GenerationRequest]) -> list[str]:
-        return []  # nothing runs elsewhere: an image in progress here finishes its latency
+        return []  # nothing runs remotely, nothing is billed while it waits
 
 
 @functools.lru_cache(maxsize=128)

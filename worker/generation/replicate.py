@@ -1,104 +1,85 @@
 """SDXL on Replicate through the official client (SPEC §4).
 
-A prediction's id is checkpointed the moment it exists, so a redelivered task resumes polling
-the same prediction instead of paying for a new one. A prediction that runs past its deadline,
-or whose task is abandoned, is cancelled: Replicate bills running time.
+One API request per image in the common case: the create is sent in sync mode
+(``Prefer: wait=N``), so Replicate answers with the finished prediction; only an answer that
+is not final is polled, at intervals that grow. Every create carries ``Cancel-After``, the time
+left in the attempt, so Replicate itself ends a prediction whose worker died (``aborted`` if
+it never started: not billed; ``canceled`` once running: billed for the time run). A prediction
+the worker abandons (its own deadline, an exception, a shutdown) is still cancelled explicitly.
+
+Crash safety: an intent is checkpointed before each create and the id as soon as it is known,
+so a redelivered task resumes that prediction, or finds it on Replicate by its input when the
+worker died while the create was held open, instead of paying for a second one.
 """
 
 from __future__ import annotations
 
 import io
-import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
-from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import structlog
 from PIL import Image, UnidentifiedImageError
 from replicate.client import Client as ReplicateClient
-from replicate.exceptions import ReplicateError
 
 from worker import constants as c
 from worker.crashpoints import crash_point
 from worker.errors import (
+    CancelledError,
     ContentRejectedError,
     ImageTimeoutError,
     PermanentError,
-    RateLimitedError,
     RefgenError,
     RetryableError,
 )
 from worker.generation import (
+    Bill,
     GeneratedImage,
     GenerationRequest,
+    PredictionCheckpoint,
     PredictionCheckpoints,
-    PredictionRef,
 )
+from worker.generation.replicate_api import (
+    RemotePrediction,
+    ReplicateApi,
+    cancel_after_s,
+    short,
+    sync_wait_s,
+)
+from worker.ratelimit import CREATE, BudgetTransport, RequestBudget, Unlimited
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-_FINISHED = frozenset({"succeeded", "failed", "canceled"})
 _SAFETY_WORDS = ("nsfw", "safety", "unsafe", "inappropriate")
-_POLL_INTERVAL_S = 0.5
+# Polling, when the sync answer was not final: 0.25 s, doubling, at most 2 s.
+_POLL_FIRST_S = 0.25
+_POLL_MAX_S = 2.0
+# Past its deadline a prediction gets this long to show Replicate's own verdict (aborted or
+# canceled, with its bill) before the worker cancels it itself.
+_DEADLINE_GRACE_S = 1.0
+# After an explicit cancel, how long to read the prediction back for its final run time.
+_SETTLE_S = 1.0
+# Looking for a prediction whose create answer was lost: pages of 100, newest first; and
+# how far before the intent a prediction may seem to be created (clocks differ a little).
+_LIST_MAX_PAGES = 5
+_CLOCK_SLACK_S = 1.0
+# A create younger than this may still be on its way when a job's predictions are cancelled.
+_IN_TRANSIT_S = 5.0
+# A create with less time than this left is not worth its request.
+_TOO_LATE_S = 0.5
+# Requests made after a deadline (reading a verdict, cancelling) still get this long.
+_AFTERMATH_S = 10.0
 
 
-class RateGate(Protocol):
-    """Admits a prediction create; shared by every worker (see ``worker.ratelimit``)."""
-
-    def acquire(self, deadline_s: float) -> None: ...
-
-    def back_off(self, seconds: float) -> None: ...
-
-
-class _NoGate:
-    def acquire(self, deadline_s: float) -> None:
-        return None
-
-    def back_off(self, seconds: float) -> None:
-        return None
-
-
-class _RetryAfterHook:
-    """The client keeps a 429's status and detail but drops its headers; this response hook
-    reads ``Retry-After`` at the HTTP layer, per thread, for the call that just failed."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def __call__(self, response: httpx.Response) -> None:
-        if response.status_code == 429:
-            self._local.value = _parse_retry_after(response.headers.get("retry-after"))
-
-    def take(self) -> float | None:
-        value: float | None = getattr(self._local, "value", None)
-        self._local.value = None
-        return value
-
-
-class _DefaultTimeoutTransport(httpx.HTTPTransport):
-    """``predictions.create`` sends ``timeout=None`` to httpx, which means no timeout at all:
-    a hung create would hold its slot forever. This restores a default for such requests."""
-
-    def __init__(self, timeout: httpx.Timeout) -> None:
-        super().__init__()
-        self._timeout = timeout.as_dict()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        current = request.extensions.get("timeout") or {}
-        if all(value is None for value in current.values()):
-            request.extensions["timeout"] = self._timeout
-        return super().handle_request(request)
-
-
-def _parse_retry_after(raw: str | None) -> float | None:
-    try:
-        return max(0.0, float(raw)) if raw is not None else None
-    except ValueError:
-        return None  # an HTTP date: rare from Replicate, and the 2 s default is safe
+@dataclass(frozen=True)
+class _Run:
+    prediction: RemotePrediction
+    deadline: float  # time.monotonic() when the attempt's time is up
 
 
 class ReplicateImageGenerator:
@@ -111,41 +92,37 @@ class ReplicateImageGenerator:
         checkpoints: PredictionCheckpoints,
         price_per_second: Decimal = c.DEFAULT_HARDWARE_PRICE_PER_S,
         downloader: httpx.Client | None = None,
-        retry_after: Callable[[], float | None] = lambda: None,
-        gate: RateGate | None = None,
-        poll_interval_s: float = _POLL_INTERVAL_S,
-        on_rate_limited: Callable[[], None] = lambda: None,
+        budget: RequestBudget | None = None,
+        http_timeout_s: float = 30.0,
+        poll_first_s: float = _POLL_FIRST_S,
     ) -> None:
-        self._client = client
+        self._api = ReplicateApi(client, http_timeout_s=http_timeout_s)
         self._version = model_version
         self._steps = steps
         self._checkpoints = checkpoints
         self._price = price_per_second
         # Outputs live on another host: never send it the API token.
         self._downloader = downloader or httpx.Client(timeout=httpx.Timeout(30, connect=5))
-        self._retry_after = retry_after
-        self._gate = gate or _NoGate()
-        self._poll_interval_s = poll_interval_s
-        self._on_rate_limited = on_rate_limited
+        self._budget = budget or Unlimited()
+        self._poll_first_s = poll_first_s
 
     @classmethod
     def from_settings(
         cls,
         settings: Settings,
         checkpoints: PredictionCheckpoints,
-        gate: RateGate | None = None,
+        budget: RequestBudget | None = None,
         *,
         http_timeout_s: float = 30.0,
         on_rate_limited: Callable[[], None] = lambda: None,
     ) -> ReplicateImageGenerator:
         assert settings.replicate_api_token is not None
-        hook = _RetryAfterHook()
-        timeout = httpx.Timeout(http_timeout_s, connect=min(5.0, http_timeout_s))
+        budget = budget or Unlimited()
+        transport = BudgetTransport(httpx.HTTPTransport(), budget, on_throttled=on_rate_limited)
         client = ReplicateClient(
             api_token=settings.replicate_api_token.get_secret_value(),
-            timeout=timeout,
-            transport=_DefaultTimeoutTransport(timeout),
-            event_hooks={"response": [hook]},
+            timeout=httpx.Timeout(http_timeout_s, connect=min(5.0, http_timeout_s)),
+            transport=transport,
         )
         return cls(
             client,
@@ -153,9 +130,8 @@ class ReplicateImageGenerator:
             steps=settings.inference_steps,
             checkpoints=checkpoints,
             price_per_second=settings.hardware_price_per_second,
-            retry_after=hook.take,
-            gate=gate,
-            on_rate_limited=on_rate_limited,
+            budget=budget,
+            http_timeout_s=http_timeout_s,
         )
 
     def model_input(self, request: GenerationRequest) -> dict[str, Any]:
@@ -172,83 +148,231 @@ class ReplicateImageGenerator:
             "seed": request.seed,
         }
 
+    # ------------------------------------------------------------------ one image
     def generate(self, request: GenerationRequest) -> GeneratedImage:
         started = time.monotonic()
-        prediction, created = self._resume(request) or self._create(request)
+        run = self._start(request)
         try:
-            prediction = self._wait(prediction, created + request.deadline_s, request)
-        except BaseException:
+            prediction = self._await(run, request)
+        except BaseException as exc:
             # Timed out, abandoned (soft time limit, shutdown) or broken: stop the meter.
-            self._cancel(prediction.id)
+            bill = self._abandon(run.prediction.id)
+            if isinstance(exc, RefgenError):
+                exc.billed = bill
             raise
-        png = self._download(prediction)
-        cost, fallback = self._cost(prediction)
+        bill = self._bill(prediction)
+        try:
+            png = self._conclude(prediction, run, request)
+        except RefgenError as exc:
+            exc.billed = bill
+            raise
         return GeneratedImage(
             png=png,
-            cost=cost,
-            cost_is_fallback=fallback,
+            cost=bill.cost,
+            cost_is_fallback=self._is_fallback(prediction),
             generation_time=round(time.monotonic() - started, 3),
             prediction_id=prediction.id,
         )
 
-    def cancel_in_flight(self, job_id: str, requests: Sequence[GenerationRequest]) -> list[str]:
-        cancelled = []
-        for request in requests:
-            saved = self._checkpoints.saved_prediction(job_id, request.image_key)
-            if saved is not None:
-                self._cancel(saved.id)
-                cancelled.append(saved.id)
-        return cancelled
+    def _start(self, request: GenerationRequest) -> _Run:
+        saved = self._checkpoints.load(request.job_id)
+        mine = [cp for cp in saved if cp.image_key == request.image_key]
+        current = next((cp for cp in mine if cp.attempt == request.attempt), None)
+        if current is not None:
+            deadline = time.monotonic() + request.deadline_s - current.age_s
+            if current.prediction_id is not None:
+                prediction = self._api.get(current.prediction_id, until=_after(deadline))
+                log.info(
+                    "prediction_resumed",
+                    prediction_id=prediction.id,
+                    status=prediction.status,
+                    image=request.image_key,
+                )
+                return _Run(prediction, deadline)
+            others = {cp.prediction_id for cp in mine if cp.prediction_id is not None}
+            found = self._find([(request, current)], exclude=others, until=_after(deadline))
+            if request.image_key in found:
+                prediction = found[request.image_key]
+                self._checkpoints.save_prediction(
+                    request.job_id, request.image_key, request.attempt, prediction.id
+                )
+                log.info(
+                    "prediction_adopted",
+                    prediction_id=prediction.id,
+                    status=prediction.status,
+                    image=request.image_key,
+                )
+                return _Run(prediction, deadline)
+        return self._create(request)
 
-    def _resume(self, request: GenerationRequest) -> tuple[Any, float] | None:
-        saved = self._checkpoints.saved_prediction(request.job_id, request.image_key)
-        if saved is None:
-            return None
-        prediction = self._call(lambda: self._client.predictions.get(saved.id))
-        if prediction.status in ("failed", "canceled"):
-            return None  # this attempt starts afresh
+    def _create(self, request: GenerationRequest) -> _Run:
+        deadline = time.monotonic() + request.deadline_s
+        # Admitted here rather than in the transport, so the intent is written the moment
+        # before the create leaves, not before a wait for the budget.
+        self._budget.admit(CREATE, deadline)
+        remaining = deadline - time.monotonic()
+        if remaining < _TOO_LATE_S:
+            raise ImageTimeoutError(f"Timed out after {request.deadline_s:g} s")
+        intent = self._checkpoints.save_intent(request.job_id, request.image_key, request.attempt)
+        if intent is None:
+            raise CancelledError("Cancelled: the job's images were cancelled before this one")
+        prediction = self._api.create(
+            self._version,
+            self.model_input(request),
+            wait_s=sync_wait_s(remaining),
+            cancel_after_s=cancel_after_s(remaining),
+            until=deadline,
+            admitted=True,
+        )
+        # The hardest instant to die at: Replicate has the prediction, Redis only the intent.
+        crash_point("image.after_prediction_created")
+        self._checkpoints.save_prediction(
+            request.job_id, request.image_key, request.attempt, prediction.id
+        )
         log.info(
-            "prediction_resumed",
-            prediction_id=saved.id,
+            "prediction_created",
+            prediction_id=prediction.id,
             status=prediction.status,
             image=request.image_key,
         )
-        # The deadline runs from the prediction's creation, not from this delivery.
-        return prediction, time.monotonic() - (time.time() - saved.created_at)
+        return _Run(prediction, deadline)
 
-    def _create(self, request: GenerationRequest) -> tuple[Any, float]:
-        self._gate.acquire(request.deadline_s)
-        prediction = self._call(
-            lambda: self._client.predictions.create(
-                version=self._version, input=self.model_input(request)
-            )
-        )
-        self._checkpoints.save_prediction(
-            request.job_id, request.image_key, PredictionRef(prediction.id, time.time())
-        )
-        crash_point("image.after_prediction_created")
-        log.info("prediction_created", prediction_id=prediction.id, image=request.image_key)
-        return prediction, time.monotonic()
-
-    def _wait(self, prediction: Any, deadline: float, request: GenerationRequest) -> Any:
-        while prediction.status not in _FINISHED:
-            if time.monotonic() >= deadline:
+    def _await(self, run: _Run, request: GenerationRequest) -> RemotePrediction:
+        """Poll until the prediction ends, the first poll soon, then less and less often;
+        never sleeping past the deadline, then briefly past it for Replicate's verdict."""
+        prediction, interval = run.prediction, self._poll_first_s
+        while not prediction.finished:
+            now = time.monotonic()
+            if now >= run.deadline + _DEADLINE_GRACE_S:
                 raise ImageTimeoutError(f"Timed out after {request.deadline_s:g} s")
-            time.sleep(min(self._poll_interval_s, max(0.0, deadline - time.monotonic())))
-            prediction = self._call(partial(self._client.predictions.get, prediction.id))
-        if prediction.status == "canceled":
-            raise RetryableError("The prediction was cancelled on Replicate")
-        if prediction.status == "failed":
-            error = str(prediction.error or "unknown error")
-            if any(word in error.lower() for word in _SAFETY_WORDS):
-                raise ContentRejectedError(
-                    "Replicate's safety filter flagged the image as NSFW; "
-                    "change the description and try again"
-                )
-            raise PermanentError(f"Replicate could not make the image: {_short(error)}")
+            wake = run.deadline if now < run.deadline else run.deadline + _DEADLINE_GRACE_S
+            time.sleep(max(0.0, min(interval, wake - now)))
+            interval = min(interval * 2, _POLL_MAX_S)
+            prediction = self._api.get(prediction.id, until=_after(run.deadline))
         return prediction
 
-    def _download(self, prediction: Any) -> bytes:
+    def _conclude(
+        self, prediction: RemotePrediction, run: _Run, request: GenerationRequest
+    ) -> bytes:
+        if prediction.status == "succeeded":
+            return self._download(prediction)
+        if prediction.status == "aborted":
+            raise ImageTimeoutError(
+                f"Timed out after {request.deadline_s:g} s before Replicate started the image "
+                "(not billed)"
+            )
+        if prediction.status == "canceled":
+            if time.monotonic() >= run.deadline - _DEADLINE_GRACE_S:
+                raise ImageTimeoutError(f"Timed out after {request.deadline_s:g} s")
+            raise CancelledError("Cancelled: the prediction was cancelled on Replicate")
+        error = prediction.error or "unknown error"
+        if any(word in error.lower() for word in _SAFETY_WORDS):
+            raise ContentRejectedError(
+                "Replicate's safety filter flagged the image as NSFW; "
+                "change the description and try again"
+            )
+        raise PermanentError(f"Replicate could not make the image: {short(error)}")
+
+    # ------------------------------------------------------------------ money
+    def _bill(self, prediction: RemotePrediction) -> Bill:
+        if prediction.status == "aborted" or (
+            prediction.status == "canceled" and not prediction.started
+        ):
+            return Bill(prediction.id, Decimal(0))  # it never ran
+        if prediction.predict_time is not None:
+            return Bill(prediction.id, Decimal(str(prediction.predict_time)) * self._price)
+        return Bill(prediction.id, c.FALLBACK_IMAGE_COST)
+
+    def _is_fallback(self, prediction: RemotePrediction) -> bool:
+        return prediction.predict_time is None
+
+    def _abandon(self, prediction_id: str) -> Bill:
+        """Cancel a prediction the worker no longer waits for, and read back what it cost."""
+        until = time.monotonic() + _AFTERMATH_S
+        try:
+            prediction = self._api.cancel(prediction_id, until=until)
+            log.warning("prediction_cancelled", prediction_id=prediction_id)
+            settle = time.monotonic() + _SETTLE_S
+            while not prediction.finished and time.monotonic() < settle:
+                time.sleep(0.25)
+                prediction = self._api.get(prediction_id, until=until)
+        except RefgenError as exc:
+            log.error("prediction_cancel_failed", prediction_id=prediction_id, reason=exc.reason)
+            return Bill(prediction_id, c.FALLBACK_IMAGE_COST)
+        if not prediction.finished:
+            return Bill(prediction_id, c.FALLBACK_IMAGE_COST)
+        return self._bill(prediction)
+
+    # ------------------------------------------------------------------ a doomed job
+    def cancel_in_flight(self, job_id: str, requests: Sequence[GenerationRequest]) -> list[str]:
+        """Cancel every still-running prediction of these images and create no more for the
+        job. Creates whose answer has not come back yet are found on Replicate by input."""
+        self._checkpoints.mark_cancelled(job_id)
+        wanted = {r.image_key: r for r in requests}
+        saved = self._checkpoints.load(job_id)
+        latest: dict[str, PredictionCheckpoint] = {}
+        for cp in saved:  # sorted by attempt: the last one wins
+            if cp.image_key in wanted:
+                latest[cp.image_key] = cp
+        until = time.monotonic() + _AFTERMATH_S
+        cancelled: list[str] = []
+        for cp in latest.values():
+            if cp.prediction_id is not None and self._cancel_quietly(cp.prediction_id, until):
+                cancelled.append(cp.prediction_id)
+        known = {cp.prediction_id for cp in saved if cp.prediction_id is not None}
+        pending = [(wanted[k], cp) for k, cp in latest.items() if cp.prediction_id is None]
+        for pass_number in range(2):
+            if not pending:
+                break
+            if pass_number:
+                # A create sent just before the cancellation may not have reached Replicate.
+                pending = [(r, cp) for r, cp in pending if cp.age_s < _IN_TRANSIT_S]
+                time.sleep(1.0)
+            found = self._find(pending, exclude=known, until=until)
+            for prediction in found.values():
+                if not prediction.finished and self._cancel_quietly(prediction.id, until):
+                    cancelled.append(prediction.id)
+            pending = [(r, cp) for r, cp in pending if r.image_key not in found]
+        log.warning("job_predictions_cancelled", job_id=job_id, cancelled=len(cancelled))
+        return cancelled
+
+    def _cancel_quietly(self, prediction_id: str, until: float) -> bool:
+        try:
+            prediction = self._api.cancel(prediction_id, until=until)
+        except RefgenError as exc:
+            log.error("prediction_cancel_failed", prediction_id=prediction_id, reason=exc.reason)
+            return False
+        return prediction.status == "canceled"
+
+    # ------------------------------------------------------------------ finding by input
+    def _find(
+        self,
+        pending: Sequence[tuple[GenerationRequest, PredictionCheckpoint]],
+        *,
+        exclude: set[str],
+        until: float,
+    ) -> dict[str, RemotePrediction]:
+        """The prediction each intent created, found in the account's recent predictions by
+        its input (prompt, negative prompt, seed), created no earlier than the intent."""
+        if not pending:
+            return {}
+        wanted = {_signature(self.model_input(r)): (r.image_key, cp) for r, cp in pending}
+        floor = min(cp.intent_at for _, cp in pending) - _CLOCK_SLACK_S
+        found: dict[str, RemotePrediction] = {}
+        for prediction in self._api.recent(until=until, max_pages=_LIST_MAX_PAGES):
+            created = prediction.created_at.timestamp() if prediction.created_at else None
+            if created is not None and created < floor:
+                break
+            match = wanted.get(_signature(prediction.input))
+            if match is None or prediction.id in exclude:
+                continue
+            key, cp = match
+            if created is None or created >= cp.intent_at - _CLOCK_SLACK_S:
+                found[key] = prediction  # newest first: the last one kept is the earliest
+        return found
+
+    # ------------------------------------------------------------------ output
+    def _download(self, prediction: RemotePrediction) -> bytes:
         output = prediction.output
         url = output[0] if isinstance(output, list) and output else output
         if not isinstance(url, str):
@@ -268,46 +392,18 @@ class ReplicateImageGenerator:
         check_png(response.content)
         return response.content
 
-    def _cost(self, prediction: Any) -> tuple[Decimal, bool]:
-        metrics = prediction.metrics or {}
-        predict_time = metrics.get("predict_time")
-        if isinstance(predict_time, int | float) and predict_time >= 0:
-            return Decimal(str(predict_time)) * self._price, False
-        return c.FALLBACK_IMAGE_COST, True
 
-    def _cancel(self, prediction_id: str) -> None:
-        try:
-            self._client.predictions.cancel(prediction_id)
-            log.warning("prediction_cancelled", prediction_id=prediction_id)
-        except (ReplicateError, httpx.HTTPError) as exc:
-            log.error(
-                "prediction_cancel_failed", prediction_id=prediction_id, error=type(exc).__name__
-            )
+def _signature(model_input: dict[str, Any]) -> tuple[str, str, str] | None:
+    prompt, seed = model_input.get("prompt"), model_input.get("seed")
+    if not isinstance(prompt, str) or seed is None:
+        return None
+    return prompt, str(model_input.get("negative_prompt", "")), str(seed)
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        """Run one client call; every library error leaves as one of ours."""
-        try:
-            return fn()
-        except ReplicateError as exc:
-            raise self._classify(exc) from None
-        except httpx.TimeoutException:
-            raise RetryableError("Replicate did not answer in time") from None
-        except httpx.TransportError:
-            raise RetryableError("Could not reach Replicate") from None
 
-    def _classify(self, exc: ReplicateError) -> RefgenError:
-        status = exc.status or 0
-        if status == 429:
-            self._on_rate_limited()
-            retry_after = self._retry_after()
-            self._gate.back_off(retry_after or c.GENERATION_RETRY_DELAY_S)
-            return RateLimitedError("Rate limited by Replicate", retry_after_s=retry_after)
-        if status >= 500:
-            return RetryableError(f"Replicate is having trouble (HTTP {status})")
-        if status in (401, 403):
-            return PermanentError(f"Replicate refused the API token (HTTP {status})")
-        detail = _short(exc.detail or exc.title or "")
-        return PermanentError(f"Replicate refused the request (HTTP {status}): {detail}")
+def _after(deadline: float) -> float:
+    """How long a request made for a prediction may wait for the budget: past the deadline
+    there is still its verdict to read."""
+    return max(deadline + _DEADLINE_GRACE_S, time.monotonic() + _AFTERMATH_S)
 
 
 def check_png(data: bytes) -> None:
@@ -322,8 +418,3 @@ def check_png(data: bytes) -> None:
             f"Replicate returned a {size[0]}×{size[1]} {kind}; "
             f"a {c.IMAGE_SIZE}×{c.IMAGE_SIZE} PNG was asked for"
         )
-
-
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
