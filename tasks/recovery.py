@@ -16,8 +16,15 @@ from typing import Any
 import redis
 import structlog
 from celery import Task, states
+from celery.app.task import Context
 from celery.exceptions import Ignore
-from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready
+from celery.signals import (
+    task_postrun,
+    task_prerun,
+    task_received,
+    worker_process_init,
+    worker_ready,
+)
 
 from tasks.app import app, services
 from worker import constants as c
@@ -37,8 +44,9 @@ _tickers_pid: int | None = None
 @worker_ready.connect
 def _watch_from_the_start(**_: Any) -> None:
     # A fresh worker with nothing to do is exactly the one that must find a dead one's work.
-    if services().settings.reference_gen_pool != "prefork":
-        start_threads()
+    # With prefork, this is the parent: it holds the leases of messages it has received until
+    # a pool process starts them.
+    start_threads()
 
 
 @worker_process_init.connect
@@ -105,37 +113,64 @@ def finalize_overdue(job_id: str) -> None:
     log.warning("job_finalized_by_deadline", job_id=job_id)
 
 
-def hand_to_retry(task_id: str, retry: dict[str, Any], delay_s: float) -> None:
+def hand_to_retry(task: Task, retry: dict[str, Any], delay_s: float) -> None:
     """Before the retry message is sent, the lease is handed to it: it covers the countdown,
     and if the retry is lost (never sent, or its worker dies during the countdown), the
     watchdog sends it again once the lease expires."""
     s = services()
-    s.holdings.drop_lease(task_id)
-    s.leases.take(task_id, retry, extra_s=delay_s)
+    s.holdings.drop_lease(task.request.id, _token_of(task))
+    task.request.refgen_lease_token = None
+    s.leases.take(task.request.id, retry, extra_s=delay_s)
 
 
 @contextlib.contextmanager
-def abandoned_as_ignored(task_id: str) -> Iterator[None]:
+def abandoned_as_ignored(task: Task) -> Iterator[None]:
     """A delivery that cannot finish ends without a result, keeping its lease: the lease
     expires and the watchdog sends the task again. ``Ignore`` keeps Celery from counting a
     failure in the chord."""
     try:
         yield
     except (DeliveryAbandoned, redis.RedisError) as exc:
-        services().holdings.drop_lease(task_id)  # no longer renewed: it will expire
+        services().holdings.drop_lease(task.request.id, _token_of(task))  # left to expire
+        task.request.refgen_lease_token = None
         reason = exc.reason if isinstance(exc, DeliveryAbandoned) else type(exc).__name__
-        log.warning("delivery_abandoned", task_id=task_id, reason=reason)
+        log.warning("delivery_abandoned", task_id=task.request.id, reason=reason)
         raise Ignore() from None
 
 
+@task_received.connect
+def _lease_on_receipt(request: Any = None, **_: Any) -> None:
+    """A message is covered from the moment this worker holds it, not only once it runs: a
+    worker that dies between the two (or during a retry's countdown, which it spends holding
+    the message) would otherwise leave it to the broker's visibility timeout."""
+    if request is None or request.name not in _OUR_TASKS:
+        return
+    context = Context({**request.request_dict, "chord": request.chord})
+    _take(request.id, dict(request.task.signature_from_request(context)))
+
+
 @task_prerun.connect
-def _take_lease(task_id: str, task: Task, **_: Any) -> None:
+def _lease_on_start(task_id: str, task: Task, **_: Any) -> None:
     if task.name not in _OUR_TASKS:
         return
     start_threads()
+    token = services().holdings.lease_token(task_id)
+    if token is None:  # prefork: the parent received it
+        token = _take(task_id, dict(task.signature_from_request(task.request)))
+    # This delivery's own token: what it may release, whatever else this process receives.
+    task.request.refgen_lease_token = token
+
+
+def _take(task_id: str, payload: dict[str, Any]) -> str:
     s = services()
-    payload = dict(task.signature_from_request(task.request))
-    s.holdings.hold_lease(task_id, s.leases.take(task_id, payload))
+    token = s.leases.take(task_id, payload)
+    s.holdings.hold_lease(task_id, token)
+    return token
+
+
+def _token_of(task: Task) -> str | None:
+    token: str | None = getattr(task.request, "refgen_lease_token", None)
+    return token
 
 
 @task_postrun.connect
@@ -143,9 +178,10 @@ def _release_lease(task_id: str, task: Task, state: str | None = None, **_: Any)
     if task.name not in _OUR_TASKS:
         return
     s = services()
-    token = s.holdings.drop_lease(task_id)
+    token = _token_of(task)
     if token is not None:
-        # A no-op when a newer delivery, or this task's retry, holds the lease now.
+        s.holdings.drop_lease(task_id, token)
+        # A no-op when a newer delivery holds the lease now.
         s.leases.release(task_id, token)
     if task.name == c.TASK_FINALIZE and state == states.SUCCESS:
         s.deadlines.done(task_id)  # finalize's task id is the job id; its result is stored

@@ -32,7 +32,7 @@ def start(
 ) -> dict[str, Any]:
     if unexpected:
         log.warning("start_unexpected_kwargs", names=sorted(unexpected)[:10])
-    with abandoned_as_ignored(self.request.id):
+    with abandoned_as_ignored(self):
         intake = JobIntake(services())
         admission = intake.admit(job_id, plan, duration_seconds, task_id=self.request.id or "")
         if isinstance(admission, Launch):
@@ -77,11 +77,11 @@ def launch(job: JobPlan) -> None:
 )
 def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
     image = ImageSpec.model_validate(spec)
-    with abandoned_as_ignored(self.request.id):
+    with abandoned_as_ignored(self):
         step = ImagePipeline(services()).run(image, attempt=self.request.retries)
         if isinstance(step, RetryIn):
             retry = self.signature_from_request(self.request, retries=self.request.retries + 1)
-            hand_to_retry(self.request.id, dict(retry), step.delay_s)
+            hand_to_retry(self, dict(retry), step.delay_s)
             crash_point("image.after_retry_handover")
             sent = self.retry(
                 countdown=step.delay_s, max_retries=c.GENERATION_MAX_ATTEMPTS - 1, throw=False
@@ -106,7 +106,7 @@ def finalize(self: Any, results: list[Any], job_id: str) -> Any:
         except ValidationError:
             # Counted as missing (a failure), never a reason not to finish the job.
             log.error("finalize_unreadable_result", job_id=job_id, result=repr(result)[:200])
-    with abandoned_as_ignored(self.request.id):
+    with abandoned_as_ignored(self):
         return JobFinalizer(services()).finalize(job_id, outcomes)
 
 

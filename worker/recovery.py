@@ -130,8 +130,12 @@ class Holdings:
         with self._lock:
             self._leases[task_id] = token
 
-    def drop_lease(self, task_id: str) -> str | None:
+    def drop_lease(self, task_id: str, token: str | None = None) -> str | None:
+        """Stop renewing a lease; with ``token``, only while it is that delivery's (another
+        delivery of the task in this process, a retry received early, keeps its own)."""
         with self._lock:
+            if token is not None and self._leases.get(task_id) != token:
+                return None
             return self._leases.pop(task_id, None)
 
     def lease_token(self, task_id: str) -> str | None:
@@ -204,8 +208,7 @@ class Heartbeat:
         held = self._holdings.leases()
         for task_id in self._leases.renew(held):
             # Taken over by a newer delivery of the task; that one holds it now.
-            if self._holdings.lease_token(task_id) == held[task_id]:
-                self._holdings.drop_lease(task_id)
+            if self._holdings.drop_lease(task_id, held[task_id]) is not None:
                 log.warning("lease_taken_over", task_id=task_id)
         for lock in self._holdings.locks():
             try:

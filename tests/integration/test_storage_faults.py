@@ -68,7 +68,8 @@ def test_a_worker_started_while_storage_is_down_recovers_without_a_restart(
     assert down.result is None
     assert world["replicate"].creates == []
     reasons = {d["reason"] for d in down.of("reference_generation_failed")}
-    assert reasons == {"Could not reach Supabase Storage"}, reasons
+    assert "Could not reach Supabase Storage" in reasons
+    assert all(r.startswith(("Could not reach", "Not made, to save money")) for r in reasons)
 
     world["storage"].start()  # storage is back; the bucket does not exist yet
     assert c.DEFAULT_BUCKET not in world["storage"].buckets
@@ -97,7 +98,9 @@ def test_a_store_that_refuses_the_key_stops_the_spending(world, load_plan) -> No
     run = world["runner"](load_plan("typical_2x2"), timeout_s=60)
     assert run.result is None
     reasons = {d["reason"] for d in run.of("reference_generation_failed")}
-    assert reasons == {"Supabase refused the service key"}, reasons
+    assert "Supabase refused the service key" in reasons
+    # Refused until the job could no longer pass; the rest were not even tried.
+    assert all(r.startswith(("Supabase refused", "Not made, to save money")) for r in reasons)
     assert world["replicate"].creates == []  # checked before the paid call, every time
 
 

@@ -203,7 +203,27 @@ class ReplicateImageGenerator:
                     image=request.image_key,
                 )
                 return _Run(prediction, deadline)
-        return self._create(request)
+        reused = self._earlier_success(request, mine)
+        return reused if reused is not None else self._create(request)
+
+    def _earlier_success(
+        self, request: GenerationRequest, mine: list[PredictionCheckpoint]
+    ) -> _Run | None:
+        """An earlier attempt's prediction that succeeded (the attempt failed after it, at its
+        upload): its output is still on Replicate for an hour, so this attempt takes it instead
+        of paying for the same image again."""
+        deadline = time.monotonic() + request.deadline_s
+        for earlier in reversed(mine):
+            if earlier.attempt >= request.attempt or earlier.prediction_id is None:
+                continue
+            prediction = self._api.get(earlier.prediction_id, until=_after(deadline))
+            if prediction.status == "succeeded":
+                self._checkpoints.save_prediction(
+                    request.job_id, request.image_key, request.attempt, prediction.id
+                )
+                log.info("prediction_reused", prediction_id=prediction.id, image=request.image_key)
+                return _Run(prediction, deadline)
+        return None
 
     def _create(self, request: GenerationRequest) -> _Run:
         deadline = time.monotonic() + request.deadline_s
