@@ -30,6 +30,7 @@ import structlog
 
 from worker import constants as c
 from worker.errors import RateLimitedError
+from worker.scripts import register
 
 log = structlog.get_logger(__name__)
 
@@ -43,42 +44,6 @@ ADMITTED_EXTENSION: Final = "refgen.admitted"
 _DEFAULT_WAIT_S = 30.0
 
 _CREATE_PATH = re.compile(r"/v1/(predictions|(models|deployments)/[^/]+/[^/]+/predictions)/?")
-
-_ADMIT = """
--- Admit one request under a sliding-window limit, unless a back-off holds everyone.
--- KEYS[1]  the window's log (sorted set of admissions, scored by unix ms)
--- KEYS[2]  the back-off (unix ms until which nobody is admitted)
--- ARGV[1]  the limit: admissions in any window
--- ARGV[2]  the window, ms
--- ARGV[3]  a unique member for this admission
--- Returns 0 when admitted, otherwise the ms to wait before asking again.
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local limit, window_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
-local until_ms = tonumber(redis.call('GET', KEYS[2]) or '0')
-if until_ms > now_ms then return until_ms - now_ms end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms - window_ms)
-if redis.call('ZCARD', KEYS[1]) < limit then
-  redis.call('ZADD', KEYS[1], now_ms, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], window_ms * 2)
-  return 0
-end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return math.max(1, tonumber(oldest[2]) + window_ms - now_ms + 1)
-"""
-
-_BACK_OFF = """
--- Hold every worker's requests of one kind for a while (after a 429).
--- KEYS[1]  the back-off (unix ms until which nobody is admitted)
--- ARGV[1]  how long, ms; a back-off already set for longer is kept
-local now = redis.call('TIME')
-local until_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[1])
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if until_ms > current then
-  redis.call('SET', KEYS[1], until_ms, 'PX', tonumber(ARGV[1]) + 1000)
-end
-return 0
-"""
 
 
 def window_for(per_minute: int) -> tuple[int, float]:
@@ -104,8 +69,8 @@ class RedisRateGate:
         self._window_ms = int((window_s + guard_s) * 1000)
         self._keys = [c.replicate_limit_key(kind), c.replicate_backoff_key(kind)]
         self._kind = kind
-        self._admit = client.register_script(_ADMIT)
-        self._back_off = client.register_script(_BACK_OFF)
+        self._admit = register(client, "ratelimit_admit")
+        self._back_off = register(client, "ratelimit_back_off")
 
     @classmethod
     def per_minute(cls, client: redis.Redis, per_minute: int, kind: str) -> RedisRateGate:

@@ -18,23 +18,9 @@ import redis
 
 from worker import constants as c
 from worker.generation import PredictionCheckpoint
+from worker.scripts import register
 
 _CANCELLED = "#cancelled"
-
-_SAVE_INTENT = """
--- Record the intent to create a prediction, unless the job's predictions were cancelled.
--- KEYS[1]  the job's prediction checkpoints (hash)
--- ARGV[1]  field prefix: "{image_key}#{attempt}"
--- ARGV[2]  TTL of the hash, seconds
--- Returns the intent's time (unix seconds, this server's clock) as a string, or false.
-if redis.call('HEXISTS', KEYS[1], '#cancelled') == 1 then return false end
-local now = redis.call('TIME')
-local at = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
-redis.call('HSET', KEYS[1], ARGV[1] .. ':intent', at)
-redis.call('HDEL', KEYS[1], ARGV[1] .. ':id')
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-return at
-"""
 
 
 class RedisPredictionCheckpoints:
@@ -43,7 +29,7 @@ class RedisPredictionCheckpoints:
     def __init__(self, client: redis.Redis, ttl_s: int = c.JOB_STATE_TTL_S) -> None:
         self._redis = client
         self._ttl = ttl_s
-        self._save_intent = client.register_script(_SAVE_INTENT)
+        self._save_intent = register(client, "checkpoint_intent")
 
     def load(self, job_id: str) -> list[PredictionCheckpoint]:
         pipe = self._redis.pipeline(transaction=False)
