@@ -316,13 +316,27 @@ def test_an_intent_whose_create_never_arrived_creates_once(
     assert checkpoints.load(job_id)[0].prediction_id == image.prediction_id
 
 
-def test_an_earlier_attempts_prediction_is_never_adopted(
+def test_an_earlier_attempts_failed_prediction_is_never_adopted(
     generator, fake, checkpoints, job_id, request_for
 ) -> None:
-    first = generator.generate(request_for(attempt=0)).prediction_id
+    fake.script_next_prediction(outcome="failed", error="CUDA out of memory")
+    with pytest.raises(PermanentError):
+        generator.generate(request_for(attempt=0))
+    first = fake.creates[0].prediction_id
     checkpoints.save_intent(job_id, "scene_street", 1)  # attempt 1 died before its create
     second = generator.generate(request_for(attempt=1)).prediction_id
+    # The same prompt and seed: a listing would match it, but it belongs to attempt 0.
     assert second != first and fake.create_count == 2
+
+
+def test_an_earlier_attempts_successful_prediction_is_taken_not_paid_again(
+    generator, fake, checkpoints, job_id, request_for
+) -> None:
+    """Attempt 0 made the image and failed afterwards (its upload): attempt 1 takes the same
+    prediction's output, still on Replicate, instead of paying for the image again."""
+    first = generator.generate(request_for(attempt=0)).prediction_id
+    second = generator.generate(request_for(attempt=1)).prediction_id
+    assert second == first and fake.create_count == 1
 
 
 # ----------------------------------------------------------------------- a doomed job
