@@ -13,7 +13,9 @@ from worker.settings import get_settings
 _settings = get_settings()
 
 broker_url = _settings.redis_url
-result_backend = _settings.redis_url
+# Celery's Redis backend minus its pub/sub result consumer, which in a worker kept every
+# chord header task's result and subscribed channel for good (tasks/backend.py).
+result_backend = f"tasks.backend:PollingRedisBackend+{_settings.redis_url}"
 
 # JSON only: a broker that accepts pickle runs code for anyone who can write to it.
 task_serializer = "json"
