@@ -1,14 +1,28 @@
-"""`python -m bench`: every benchmark, one after another (about six minutes)."""
+"""`python -m bench`: every benchmark, one after another (about twenty minutes, half of it
+the soak)."""
 
 from __future__ import annotations
 
-from bench import cost, events, latency, memory, recovery, redis_memory, throughput
+from bench import (
+    cost,
+    events,
+    latency,
+    memory,
+    plain_chord,
+    recovery,
+    redis_memory,
+    soak,
+    throughput,
+)
 
 
 def main() -> None:
     for module in (latency, throughput, memory, events, cost, redis_memory, recovery):
         print(f"=== {module.__name__}", flush=True)
         module.main()
+    for long_running in (plain_chord, soak):
+        print(f"=== {long_running.__name__}", flush=True)
+        long_running.main([])
 
 
 if __name__ == "__main__":
