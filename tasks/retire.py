@@ -19,9 +19,9 @@ import structlog
 from celery.signals import task_received, worker_shutting_down
 from celery.worker import state as worker_state
 
-from tasks.app import services
 from worker import constants as c
 from worker.retirement import RetirementPolicy
+from worker.settings import get_settings
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +33,8 @@ def policy() -> RetirementPolicy:
     global _policy
     with _lock:
         if _policy is None:
-            settings = services().settings
+            # Settings only: a prefork worker's main process builds no clients.
+            settings = get_settings()
             _policy = RetirementPolicy(settings.worker_max_jobs, settings.worker_max_memory_mb)
         return _policy
 
