@@ -72,9 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=500, help="jobs between samples")
     parser.add_argument("--in-flight", type=int, default=8, help="jobs queued at once")
     parser.add_argument("--latency", type=float, default=0.02, help="seconds per image")
+    parser.add_argument(
+        "--flaky",
+        default="",
+        help="image ids whose first attempt fails, so every job has a retry (e.g. city_street)",
+    )
     args = parser.parse_args(argv)
 
-    with cluster(LOCAL_GENERATOR_LATENCY_S=str(args.latency)) as (runner, workers):
+    with cluster(
+        LOCAL_GENERATOR_LATENCY_S=str(args.latency), LOCAL_GENERATOR_FLAKY_IDS=args.flaky
+    ) as (runner, workers):
         pid = workers[0].process.pid  # type: ignore[union-attr]
         observer = redis.Redis.from_url(runner.redis_url)
         observer.client_setname("soak-observer")
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
     table(
         f"Soak: {feeder.done} jobs × {IMAGES_PER_JOB} images at {args.latency:g} s, "
-        f"1 worker (threads), {elapsed:.0f} s",
+        f"1 worker (threads), {elapsed:.0f} s" + (f", flaky: {args.flaky}" if args.flaky else ""),
         [
             ("jobs not successful", str(failures)),
             ("job costs seen", ", ".join(f"${c} × {n}" for c, n in costs.items())),
