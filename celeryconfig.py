@@ -15,7 +15,9 @@ _settings = get_settings()
 broker_url = _settings.redis_url
 # kombu's Redis transport, with a worker that survives Redis going away (tasks/transport.py).
 broker_transport = "tasks.transport:Transport"
-result_backend = _settings.redis_url
+# Celery's Redis backend minus its pub/sub result consumer, which in a worker kept every
+# chord header task's result and subscribed channel for good (tasks/backend.py).
+result_backend = f"tasks.backend:PollingRedisBackend+{_settings.redis_url}"
 
 # JSON only: a broker that accepts pickle runs code for anyone who can write to it.
 task_serializer = "json"

@@ -1,4 +1,5 @@
-"""`python -m bench`: every benchmark, one after another (about ten minutes)."""
+"""`python -m bench`: every benchmark, one after another (about twenty-five minutes, the soak
+the longest)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from bench import (
     events,
     latency,
     memory,
+    plain_chord,
     recovery,
     redis_memory,
     replicate,
+    soak,
     throughput,
 )
 
@@ -18,6 +21,9 @@ def main() -> None:
     for module in (latency, replicate, throughput, memory, events, cost, redis_memory, recovery):
         print(f"=== {module.__name__}", flush=True)
         module.main()
+    for long_running in (plain_chord, soak):
+        print(f"=== {long_running.__name__}", flush=True)
+        long_running.main([])
 
 
 if __name__ == "__main__":

@@ -8,32 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 from bench.common import cluster, figure, load_plan, table
-
-
-def tree(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    found = [pid]
-    if children.exists():
-        for child in children.read_text().split():
-            found += tree(int(child))
-    return found
-
-
-def memory_kb(pid: int) -> tuple[int, int]:
-    pss = rss = 0
-    for proc in tree(pid):
-        try:
-            for line in Path(f"/proc/{proc}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss += int(line.split()[1])
-                elif line.startswith("Rss:"):
-                    rss += int(line.split()[1])
-        except FileNotFoundError:
-            continue
-    return pss, rss
+from worker.retirement import memory_kb
 
 
 def measure(pool: str) -> tuple[float, float, float]:
@@ -41,14 +18,14 @@ def measure(pool: str) -> tuple[float, float, float]:
         REFERENCE_GEN_POOL=pool, REFERENCE_GEN_CONCURRENCY="4", LOCAL_GENERATOR_LATENCY_S="1"
     ) as (runner, workers):
         pid = workers[0].process.pid  # type: ignore[union-attr]
-        idle_pss, _ = memory_kb(pid)
+        idle_pss = memory_kb(pid).pss
         peak = [0, 0]
         done = threading.Event()
 
         def sample() -> None:
             while not done.is_set():
-                pss, rss = memory_kb(pid)
-                peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
+                now = memory_kb(pid)
+                peak[0], peak[1] = max(peak[0], now.pss), max(peak[1], now.rss)
                 time.sleep(0.02)
 
         sampler = threading.Thread(target=sample)

@@ -37,15 +37,17 @@ def bare_client(redis_url: str) -> Celery:
 class WorkerProcess:
     """A ``refgen worker`` in its own process group, so a test can kill the whole worker."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, name: str) -> None:
-        self.env, self.log_path = env, log_path
+    def __init__(
+        self, env: dict[str, str], log_path: Path, name: str, module: str = "tasks.cli"
+    ) -> None:
+        self.env, self.log_path, self.module = env, log_path, module
         self.hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, client: Celery, timeout_s: float = 60) -> WorkerProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tasks.cli", "worker", "--hostname", self.hostname],
+                [sys.executable, "-m", self.module, "worker", "--hostname", self.hostname],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -154,3 +156,61 @@ def base_worker_env(redis_url: str, storage_dir: Path) -> dict[str, str]:
         REFERENCE_GEN_CONCURRENCY="4",
     )
     return env
+
+
+class JobFeeder:
+    """Keeps ``in_flight`` jobs of one plan queued, each under a fresh job id, and reads their
+    results straight from the result keys: a poll, never a subscription, so the feeder leaves
+    no channel of its own on the server (a bare client's ``send_task`` and ``get`` do)."""
+
+    def __init__(self, redis_url: str, plan: dict[str, Any], in_flight: int = 8) -> None:
+        self.client = bare_client(redis_url)
+        self.redis = redis.Redis.from_url(redis_url)
+        self.plan, self.in_flight = plan, in_flight
+        self.pending: set[str] = set()
+        self.results: dict[str, Any] = {}  # job id → its result (None for a null result)
+        self.failed: dict[str, Any] = {}  # job id → the meta of a job whose finalize failed
+
+    @property
+    def done(self) -> int:
+        return len(self.results) + len(self.failed)
+
+    def send(self) -> str:
+        job_id = str(uuid.uuid4())
+        # ignore_result: start stores no result, and sending without it subscribes this
+        # client to the channel of a result that never comes.
+        self.client.send_task(
+            "reference_generator.start",
+            kwargs={"job_id": job_id, "plan": {**self.plan, "job_id": job_id}},
+            ignore_result=True,
+        )
+        self.pending.add(job_id)
+        return job_id
+
+    def run(self, until: int, timeout_s: float = 600) -> None:
+        """Send jobs until ``until`` have been sent in all, and wait until every one has ended."""
+        deadline = time.monotonic() + timeout_s
+        while self.done < until:
+            while len(self.pending) < self.in_flight and self.done + len(self.pending) < until:
+                self.send()
+            if not self.collect():
+                if time.monotonic() > deadline:
+                    raise JobTimeout(f"{len(self.pending)} jobs unfinished after {timeout_s} s")
+                time.sleep(0.01)
+
+    def collect(self) -> int:
+        """Record the jobs that have ended; how many did."""
+        ids = sorted(self.pending)
+        if not ids:
+            return 0
+        metas = self.redis.mget([f"celery-task-meta-{job_id}" for job_id in ids])
+        for job_id, raw in zip(ids, metas, strict=True):
+            if raw is None:
+                continue
+            meta = json.loads(raw)
+            if meta.get("status") == "SUCCESS":
+                self.results[job_id] = meta.get("result")
+            else:
+                self.failed[job_id] = meta
+            self.pending.discard(job_id)
+        return len(ids) - len(self.pending)

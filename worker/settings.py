@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     # Appends one line per image the local generator makes: how tests count generations.
     local_generator_journal: Path | None = None
 
+    # Retirement (README: Long-running workers): after this many jobs, or past this much memory
+    # (PSS of the worker and its pool processes), a worker finishes what it holds and exits
+    # cleanly for its supervisor to replace it. 0: off.
+    worker_max_jobs: int = Field(default=0, ge=0)
+    worker_max_memory_mb: int = Field(default=0, ge=0)
+
     # Comment lines an idle SSE stream sends to keep proxies from closing it.
     gateway_keepalive_s: float = Field(default=15.0, gt=0)
 
