@@ -11,7 +11,8 @@ import structlog
 from celery import Celery
 from celery.signals import after_setup_logger, worker_init, worker_process_init
 
-from worker.errors import RefgenError
+from tasks import exit_codes
+from worker.errors import ConfigurationError, RefgenError
 from worker.logging import configure_logging
 from worker.services import Services
 from worker.settings import get_settings
@@ -53,8 +54,16 @@ def _build_in_child(**_: Any) -> None:
 
 @worker_init.connect
 def _build_in_worker(sender: Any = None, **_: Any) -> None:
+    settings = get_settings()
+    try:
+        # However the worker was started (`refgen worker` checks first, `celery -A tasks.app
+        # worker` does not), it takes no task without the backends' settings.
+        settings.check_backends()
+    except ConfigurationError as exc:
+        log.error("worker_refused_to_start", reason=exc.reason)
+        raise SystemExit(exit_codes.CONFIGURATION) from None
     # Threads and solo pools have no child processes, so no worker_process_init.
-    if get_settings().reference_gen_pool != "prefork":
+    if settings.reference_gen_pool != "prefork":
         services()
 
 

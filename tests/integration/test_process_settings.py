@@ -166,3 +166,22 @@ def test_run_gateway_beat_and_flower_work_in_production_with_redis_alone(
             stop_process_group(process)
     for name, path in logs.items():
         assert "Traceback" not in path.read_text(), name
+
+
+def test_a_worker_started_with_celery_itself_refuses_too(redis_server, tmp_path) -> None:
+    """`celery -A tasks.app worker`, not `refgen worker`: the same check, at worker start."""
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "--loglevel", "INFO"],
+        env=production(redis_server.url, tmp_path),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == exit_codes.CONFIGURATION, done.stderr[-2000:]
+    output = done.stderr + done.stdout
+    assert "worker_refused_to_start" in output
+    assert "REPLICATE_API_TOKEN is required" in output
+    assert "Traceback" not in output
+    assert "ready." not in output  # it never took a task
