@@ -101,11 +101,18 @@ class CostLedger:
                 requested=money(amount),
             )
 
-    def charge(self, job_id: str, image_key: str, ref: str, cost: Decimal) -> Decimal:
+    def charge(
+        self, job_id: str, image_key: str, ref: str, cost: Decimal, *, made_note: str = ""
+    ) -> Decimal:
         """Record what one paid call of an image cost, once per ``ref``; drops the image's
-        reservation. Returns the image's cost on record, all its paid calls together."""
-        self._charge(keys=self._keys(job_id), args=[image_key, ref, to_nano(cost), self._ttl])
-        return self.image_costs(job_id).get(image_key, Decimal(0))
+        reservation; with ``made_note``, notes the image as made in the same step. Returns the
+        image's cost on record, all its paid calls together."""
+        keys = c.JobKeys(job_id)
+        total = self._charge(
+            keys=[*self._keys(job_id), keys.made],
+            args=[image_key, ref, to_nano(cost), self._ttl, made_note],
+        )
+        return from_nano(int(total))
 
     def release(self, job_id: str, image_key: str) -> None:
         """Drop an image's reservation when its paid call did not happen."""

@@ -32,11 +32,22 @@ class JobMeta:
 
 @dataclass(frozen=True)
 class MadeImage:
-    """An image generated and paid for, noted before its upload, so that a redelivered task
-    can tell an image that reached the store from one that did not."""
+    """An image generated and paid for, noted with its charge (before its upload), so that a
+    redelivered task can tell an image that reached the store from one that did not."""
 
     generation_time: float
-    cost: str
+
+    def note(self) -> str:
+        return json.dumps(asdict(self))
+
+
+@dataclass(frozen=True)
+class ImageState:
+    """What a delivery needs to know before it works on an image, read in one round trip."""
+
+    outcome: ImageOutcome | None
+    doomed: DoomReason | None
+    made: MadeImage | None
 
 
 @dataclass(frozen=True)
@@ -128,16 +139,18 @@ class JobStore:
         value = _text(self._redis.hget(c.JobKeys(job_id).meta, "doomed"))
         return value if value in ("scenes", "characters", "half") else None  # type: ignore[return-value]
 
-    def note_made(self, job_id: str, image_key: str, made: MadeImage) -> None:
-        key = c.JobKeys(job_id).made
-        pipe = self._redis.pipeline()
-        pipe.hset(key, image_key, json.dumps(asdict(made)))
-        pipe.expire(key, self._ttl)
-        pipe.execute()
-
-    def made(self, job_id: str, image_key: str) -> MadeImage | None:
-        raw = _text(self._redis.hget(c.JobKeys(job_id).made, image_key))
-        return MadeImage(**json.loads(raw)) if raw else None
+    def image_state(self, job_id: str, image_key: str) -> ImageState:
+        keys = c.JobKeys(job_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(keys.images, image_key)
+        pipe.hget(keys.meta, "doomed")
+        pipe.hget(keys.made, image_key)
+        outcome, doomed, made = pipe.execute()
+        return ImageState(
+            outcome=ImageOutcome.model_validate_json(outcome) if outcome else None,
+            doomed=doomed if doomed in ("scenes", "characters", "half") else None,
+            made=MadeImage(float(json.loads(made)["generation_time"])) if made else None,
+        )
 
     def stored_outcome(self, job_id: str, image_key: str) -> ImageOutcome | None:
         raw = self._redis.hget(c.JobKeys(job_id).images, image_key)

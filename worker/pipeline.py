@@ -127,14 +127,13 @@ class ImagePipeline:
 
     def _run_locked(self, spec: ImageSpec, attempt: int, lock: Lock) -> Recorded | RetryIn:
         bound = log.bind(job_id=spec.job_id, image=spec.key, attempt=attempt + 1)
-        already = self._s.jobs.stored_outcome(spec.job_id, spec.key)
-        if already is not None:
+        state = self._s.jobs.image_state(spec.job_id, spec.key)
+        if state.outcome is not None:
             # Redelivered after the outcome was recorded: nothing to pay, upload or announce.
-            bound.info("image_already_done", ok=already.ok)
-            return Recorded(already, is_new=False)
-        doom = self._s.jobs.doomed(spec.job_id)
-        if doom is not None:
-            return self.conclude(spec, self._failure(spec, attempt, skipped_reason(doom)))
+            bound.info("image_already_done", ok=state.outcome.ok)
+            return Recorded(state.outcome, is_new=False)
+        if state.doomed is not None:
+            return self.conclude(spec, self._failure(spec, attempt, skipped_reason(state.doomed)))
         if attempt == 0:
             self._s.events.publish(
                 spec.job_id,
@@ -147,7 +146,7 @@ class ImagePipeline:
             )
         try:
             with attempt_deadline(self._s.settings.image_timeout_s):
-                outcome = self._make(spec, attempt, lock)
+                outcome = self._make(spec, attempt, lock, state.made)
         except RetryableError as exc:
             delay = generation_retry_delay(exc, attempt)
             if delay is None:
@@ -180,21 +179,20 @@ class ImagePipeline:
             outcome = self._failure(spec, attempt, "Internal error while making the image")
         return self.conclude(spec, outcome)
 
-    def _make(self, spec: ImageSpec, attempt: int, lock: Lock) -> ImageOutcome:
+    def _make(
+        self, spec: ImageSpec, attempt: int, lock: Lock, made: MadeImage | None
+    ) -> ImageOutcome:
         s = self._s
-        made = s.jobs.made(spec.job_id, spec.key)
         if made is not None and storage_call(lambda: s.store.exists(spec.storage_path)):
             # Paid for and stored by a delivery that died before recording it: reuse it.
             log.info("image_reused_from_store", job_id=spec.job_id, image=spec.key)
-            cost = s.ledger.image_costs(spec.job_id).get(spec.key, Decimal(made.cost))
+            cost = s.ledger.image_costs(spec.job_id).get(spec.key, Decimal(0))
             return self._stored(spec, attempt, made.generation_time, cost)
-        # Everything that could make the paid call pointless is checked before it.
+        # Everything that could make the paid call pointless is checked before it (a job
+        # doomed since is stopped by the cancellation of its predictions).
         s.store_readiness.check()
         if not s.locks.still_held(lock):
             raise DeliveryAbandoned("another delivery took this image over")
-        doom = s.jobs.doomed(spec.job_id)
-        if doom is not None:
-            raise PermanentError(skipped_reason(doom))
         s.ledger.reserve(spec.job_id, spec.key, RESERVATION_PER_IMAGE)
         crash_point("image.after_reservation")
         try:
@@ -214,10 +212,13 @@ class ImagePipeline:
         # Charged before the upload: the provider has billed us whatever happens next, and the
         # charge is keyed by the paid call, so a retried upload cannot charge again.
         cost = s.ledger.charge(
-            spec.job_id, spec.key, generated.prediction_id or f"attempt-{attempt}", generated.cost
+            spec.job_id,
+            spec.key,
+            generated.prediction_id or f"attempt-{attempt}",
+            generated.cost,
+            made_note=MadeImage(generated.generation_time).note(),
         )
         crash_point("image.after_charge")
-        s.jobs.note_made(spec.job_id, spec.key, MadeImage(generated.generation_time, money(cost)))
         try:
             storage_call(lambda: s.store.put_png(spec.storage_path, generated.png))
         except StoreRefusedError:

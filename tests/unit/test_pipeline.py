@@ -137,8 +137,9 @@ def test_an_image_paid_for_and_stored_is_reused_not_made_again(services: Service
     """A delivery died after the upload, before recording: the next one reuses the file."""
     image = spec()
     services.ledger.open(image.job_id, None)
-    services.ledger.charge(image.job_id, image.key, "attempt-0", Decimal("0.005"))
-    services.jobs.note_made(image.job_id, image.key, MadeImage(1.25, "0.005"))
+    services.ledger.charge(
+        image.job_id, image.key, "attempt-0", Decimal("0.005"), made_note=MadeImage(1.25).note()
+    )
     services.store.put_png(image.storage_path, b"\x89PNG stored")
     outcome = made(ImagePipeline(services).run(image, attempt=0))
     assert outcome.ok
@@ -152,8 +153,9 @@ def test_a_paid_image_missing_from_the_store_is_made_again_and_charged_once(
 ) -> None:
     image = spec()
     services.ledger.open(image.job_id, None)
-    services.ledger.charge(image.job_id, image.key, "attempt-0", Decimal("0.005"))
-    services.jobs.note_made(image.job_id, image.key, MadeImage(1.0, "0.005"))
+    services.ledger.charge(
+        image.job_id, image.key, "attempt-0", Decimal("0.005"), made_note=MadeImage(1.0).note()
+    )
     outcome = made(ImagePipeline(services).run(image, attempt=0))
     assert outcome.ok
     # Interrupted before its upload: made once more (a remote generator resumes the same
