@@ -35,25 +35,19 @@ from tests.integration.campaign import (
     wait_for,
 )
 from worker import constants as c
+from worker import crashpoints
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 ROOFTOP = "Windswept rooftop"  # only the rooftop scene's prompt contains it
+# Every point the switch knows (worker/crashpoints.py), by the way its scenario reaches it.
+RETRY_POINTS = [p for p in crashpoints.POINTS if p.startswith("image.after_retry")]
+WATCHDOG_POINTS = [p for p in crashpoints.POINTS if p.startswith("watchdog.after")]
 POINTS = [
-    "start.after_claim",
-    "start.after_ledger_open",
-    "start.after_plan_stored",
-    "start.after_chord_sent",
-    "image.after_reservation",
-    "image.after_prediction_created",
-    "image.after_charge",
-    "image.after_upload",
-    "image.after_outcome_recorded",
-    "finalize.before_commit",
-    "finalize.after_commit",
+    p
+    for p in crashpoints.POINTS
+    if p.startswith(("start.", "image.", "finalize.")) and p not in RETRY_POINTS
 ]
-RETRY_POINTS = ["image.after_retry_handover", "image.after_retry_sent"]
-WATCHDOG_POINTS = ["watchdog.after_claim", "watchdog.after_resend"]
 PARALLEL = 4
 
 
