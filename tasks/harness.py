@@ -54,12 +54,21 @@ class WorkerProcess:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
+        last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited: {self.log_path.read_text()[-3000:]}")
-            if client.control.ping(destination=[self.hostname], timeout=0.5):
-                return self
-        raise RuntimeError(f"worker not ready: {self.log_path.read_text()[-3000:]}")
+            try:
+                if client.control.ping(destination=[self.hostname], timeout=0.5):
+                    return self
+            except (redis.RedisError, OSError) as exc:
+                # The client's pooled connection went stale: the next ping makes a new one.
+                last_error = exc
+                time.sleep(0.1)
+        raise RuntimeError(
+            f"worker not ready (last ping error: {last_error!r}): "
+            f"{self.log_path.read_text()[-3000:]}"
+        )
 
     @property
     def alive(self) -> bool:
