@@ -4,6 +4,8 @@ processes, and a bare Celery client that knows nothing of the project."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,10 @@ from celery import Celery
 
 from tasks.harness import JobRunner, WorkerProcess, bare_client, base_worker_env
 from tasks.localredis import RedisServer
+from tests.integration import crash_scenarios
+from tests.integration.background import Background, asked_for
+from tests.integration.campaign import Report, run_scenario
+from tests.integration.provider_limit import AtTheLimit, run_at_the_limit
 
 # Image ids the shared worker treats specially (LOCAL_GENERATOR_* knobs).
 DOOMED = ("doomed_alley", "doomed_pier")  # fail every attempt, retryably
@@ -55,3 +61,45 @@ def worker(
 @pytest.fixture
 def run_job(redis_server: RedisServer) -> JobRunner:
     return JobRunner(redis_server.url)
+
+
+# --- Slow scenarios that mostly wait: started with the session, run beside the other tests --
+
+
+@pytest.fixture(scope="session")
+def background() -> Iterator[Background]:
+    pool = Background()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def campaign(
+    request: pytest.FixtureRequest,
+    background: Background,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Future[Report]]:
+    built = crash_scenarios.scenarios(tmp_path_factory)
+    wanted = asked_for(request, "tests.integration.test_crash_points", built)
+    return {
+        name: background.submit(partial(run_scenario, name, body))
+        for name, body in built.items()
+        if name in wanted
+    }
+
+
+@pytest.fixture(scope="session")
+def provider_limit(
+    background: Background, tmp_path_factory: pytest.TempPathFactory
+) -> Future[AtTheLimit]:
+    return background.submit(partial(run_at_the_limit, tmp_path_factory.mktemp("limit")))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _slow_scenarios_start_first(request: pytest.FixtureRequest) -> None:
+    modules = {getattr(item, "module", None) for item in request.session.items}
+    names = {m.__name__ for m in modules if m is not None}
+    if "tests.integration.test_crash_points" in names:
+        request.getfixturevalue("campaign")
+    if "tests.integration.test_replicate_load" in names:
+        request.getfixturevalue("provider_limit")

@@ -1,261 +1,25 @@
 """The crash campaign: a worker dies at every point where it leaves state half-written, and
 every job still ends exactly once, with the right result, paid once, leaving nothing held.
 
-Each scenario has its own cluster: a redis-server, a Replicate-like server and real workers.
-A test-only switch (``worker.crashpoints``) makes a worker SIGKILL its own process group at a
-named point; a second worker with the same environment stands by (a fuse file lets the switch
-fire once). Other scenarios kill, freeze or cut off workers from outside. The scenarios are
-independent, so they run side by side (a module fixture); each is a test of its own, and a
-failing check prints the whole story of its job (``campaign.Report.describe``).
+Each scenario (``crash_scenarios.py``) has its own cluster: a redis-server, a Replicate-like
+server and real workers. A test-only switch (``worker.crashpoints``) makes a worker SIGKILL its
+own process group at a named point; a second worker with the same environment stands by (a fuse
+file lets the switch fire once). Other scenarios kill, freeze or cut off workers from outside.
+The scenarios mostly wait (for leases to expire), so they start with the session and run beside
+the other tests (``conftest.campaign``); each is a test of its own, and a failing check prints
+the whole story of its job (``campaign.Report.describe``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import signal
-import threading
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.fakes._http import Fault
-from tests.fakes.replicate_server import PredictionPlan
-from tests.integration.campaign import (
-    LEASE_TTL_S,
-    Cluster,
-    Report,
-    check_invariants,
-    collect,
-    run_scenario,
-    send,
-    wait_for,
-)
-from worker import constants as c
-from worker import crashpoints
+from tests.integration.campaign import Report, check_invariants
+from tests.integration.crash_scenarios import POINTS, RETRY_POINTS, SPECIAL, WATCHDOG_POINTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
-
-ROOFTOP = "Windswept rooftop"  # only the rooftop scene's prompt contains it
-# Every point the switch knows (worker/crashpoints.py), by the way its scenario reaches it.
-RETRY_POINTS = [p for p in crashpoints.POINTS if p.startswith("image.after_retry")]
-WATCHDOG_POINTS = [p for p in crashpoints.POINTS if p.startswith("watchdog.after")]
-POINTS = [
-    p
-    for p in crashpoints.POINTS
-    if p.startswith(("start.", "image.", "finalize.")) and p not in RETRY_POINTS
-]
-PARALLEL = 4
-
-
-def start_workers(cluster: Cluster, names: list[str], **env: str) -> None:
-    errors: list[BaseException] = []
-
-    def one(name: str) -> None:
-        try:
-            cluster.start_worker(name, **env)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
-def exited(cluster: Cluster) -> list[str]:
-    return [n for n, w in cluster.workers.items() if w.process and w.process.poll() is not None]
-
-
-def leases_held(cluster: Cluster) -> int:
-    return int(cluster.redis.zcard(c.LEASES))
-
-
-def crash_at(point: str, tmp: Path, plan: dict[str, Any]) -> Callable[[Report], None]:
-    """Both workers carry the switch; whichever reaches the point first dies there."""
-
-    def body(report: Report) -> None:
-        cluster = Cluster(tmp, REFGEN_CRASH_AT=point)
-        try:
-            if point in RETRY_POINTS:  # one image's first create fails: it is retried
-                cluster.fake.inject("create", Fault(503, only_if_body_contains=ROOFTOP))
-            start_workers(cluster, ["a", "b"])
-            listener = send(cluster, plan, report)
-            collect(cluster, listener, report, timeout_s=120)
-            report.note(f"workers that died: {exited(cluster)}")
-        finally:
-            cluster.close()
-
-    return body
-
-
-def crash_in_watchdog(point: str, tmp: Path, plan: dict[str, Any]) -> Callable[[Report], None]:
-    """A victim works the job alone and is killed; the two standby workers' watchdogs race to
-    claim its leases, and the first to do so dies at ``point`` (or fails its re-send)."""
-    switch = "REFGEN_FAIL_AT" if point == "watchdog.resend" else "REFGEN_CRASH_AT"
-
-    def body(report: Report) -> None:
-        cluster = Cluster(tmp)
-        # Long enough that the victim still holds its four images when the standbys are up.
-        cluster.fake.default_plan = PredictionPlan(duration=12.0, predict_time=12.0)
-        try:
-            cluster.start_worker("victim")
-            listener = send(cluster, plan, report)
-            wait_for(lambda: len(cluster.fake.creates) == 4, 30, "the victim's predictions")
-            start_workers(cluster, ["a", "b"], **{switch: point})
-            held = leases_held(cluster)
-            cluster.signal("victim", signal.SIGKILL)
-            report.note(f"victim killed holding {held} leases")
-            collect(cluster, listener, report, timeout_s=120)
-            logs = "".join(cluster.workers[n].log_path.read_text() for n in ("a", "b"))
-            report.note(f"resend failures logged: {logs.count('lost_task_resend_failed')}")
-            report.note(f"workers that died: {exited(cluster)}")
-        finally:
-            cluster.close()
-
-    return body
-
-
-def kill_during_retry_countdown(tmp: Path, plan: dict[str, Any]) -> Callable[[Report], None]:
-    def body(report: Report) -> None:
-        cluster = Cluster(tmp)
-        cluster.fake.inject("create", Fault(503, only_if_body_contains=ROOFTOP))
-        try:
-            cluster.start_worker("victim")
-            listener = send(cluster, plan, report)
-            wait_for(
-                lambda: any(
-                    m["event_type"] == c.EVENT_IMAGE_RETRY for m in list(listener.messages)
-                ),
-                30,
-                "the retry",
-            )
-            cluster.signal("victim", signal.SIGKILL)  # inside the 2 s countdown
-            report.note("victim killed while its retry waited out its countdown")
-            cluster.start_worker("rescuer")
-            collect(cluster, listener, report, timeout_s=120)
-        finally:
-            cluster.close()
-
-    return body
-
-
-def two_workers_killed_in_turn(tmp: Path, plan: dict[str, Any]) -> Callable[[Report], None]:
-    def body(report: Report) -> None:
-        cluster = Cluster(tmp)
-        cluster.fake.default_plan = PredictionPlan(duration=5.0, predict_time=5.0)
-        try:
-            start_workers(cluster, ["first", "second"])
-            listener = send(cluster, plan, report)
-            wait_for(lambda: len(cluster.fake.creates) == 4, 30, "the predictions")
-            cluster.signal("first", signal.SIGKILL)
-            report.note("first worker killed")
-            log = cluster.workers["second"].log_path
-            wait_for(lambda: "lost_task_resent" in log.read_text(), 30, "the second to rescue")
-            time.sleep(0.5)
-            cluster.signal("second", signal.SIGKILL)
-            report.note("second worker killed while rescuing")
-            cluster.start_worker("third")
-            collect(cluster, listener, report, timeout_s=120)
-        finally:
-            cluster.close()
-
-    return body
-
-
-def frozen_and_thawed(tmp: Path, plan: dict[str, Any]) -> Callable[[Report], None]:
-    def body(report: Report) -> None:
-        cluster = Cluster(tmp)
-        cluster.fake.default_plan = PredictionPlan(duration=6.0, predict_time=6.0)
-        try:
-            cluster.start_worker("frozen")
-            listener = send(cluster, plan, report)
-            wait_for(lambda: len(cluster.fake.creates) == 4, 30, "the predictions")
-            cluster.start_worker("standby")
-            cluster.signal("frozen", signal.SIGSTOP)
-            report.note("worker frozen (SIGSTOP)")
-            time.sleep(3 * LEASE_TTL_S + 1)
-            cluster.signal("frozen", signal.SIGCONT)
-            report.note("worker thawed (SIGCONT)")
-            collect(cluster, listener, report, timeout_s=120)
-            report.note(f"workers that died: {exited(cluster)}")
-        finally:
-            cluster.close()
-
-    return body
-
-
-def redis_stopped(tmp: Path, plan: dict[str, Any]) -> Callable[[Report], None]:
-    def body(report: Report) -> None:
-        cluster = Cluster(tmp)
-        cluster.fake.default_plan = PredictionPlan(duration=4.0, predict_time=4.0)
-        try:
-            start_workers(cluster, ["a", "b"])
-            listener = send(cluster, plan, report)
-            wait_for(lambda: len(cluster.fake.creates) == 4, 30, "the predictions")
-            cluster.broker.stop()
-            report.note("redis-server stopped")
-            time.sleep(3 * LEASE_TTL_S)
-            cluster.broker.start()
-            report.note("redis-server started again (AOF)")
-            collect(cluster, listener, report, timeout_s=150)
-        finally:
-            cluster.close()
-
-    return body
-
-
-SPECIAL = {
-    "kill_during_retry_countdown": kill_during_retry_countdown,
-    "two_workers_killed_in_turn": two_workers_killed_in_turn,
-    "frozen_for_three_lease_lifetimes": frozen_and_thawed,
-    "redis_stopped_longer_than_a_lease": redis_stopped,
-}
-
-
-def selected(request: pytest.FixtureRequest) -> set[str]:
-    """The scenarios the tests selected in this session ask for (``-k`` runs only those)."""
-    names = set()
-    for item in request.session.items:
-        if item.module is request.module:
-            params = getattr(getattr(item, "callspec", None), "params", {})
-            names.add(params.get("point") or params.get("name") or "watchdog.resend")
-    return names
-
-
-@pytest.fixture(scope="module")
-def campaign(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, concurrent.futures.Future[Report]]]:
-    plan_text = (Path(__file__).parents[2] / "examples" / "plans" / "typical_2x2.json").read_text()
-
-    def fresh_plan() -> dict[str, Any]:
-        import uuid
-
-        plan: dict[str, Any] = json.loads(plan_text)
-        plan["job_id"] = str(uuid.uuid4())
-        return plan
-
-    scenarios: dict[str, Callable[[Report], None]] = {}
-    for point in POINTS + RETRY_POINTS:
-        scenarios[point] = crash_at(point, tmp_path_factory.mktemp(point), fresh_plan())
-    for point in [*WATCHDOG_POINTS, "watchdog.resend"]:
-        scenarios[point] = crash_in_watchdog(point, tmp_path_factory.mktemp(point), fresh_plan())
-    for name, make in SPECIAL.items():
-        scenarios[name] = make(tmp_path_factory.mktemp(name), fresh_plan())
-    wanted = selected(request)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL) as pool:
-        yield {
-            name: pool.submit(run_scenario, name, body)
-            for name, body in scenarios.items()
-            if name in wanted
-        }
 
 
 def report_of(campaign: dict[str, concurrent.futures.Future[Report]], name: str) -> Report:
@@ -281,8 +45,9 @@ def test_a_watchdog_killed_at(point: str, campaign) -> None:
     check_invariants(report, expected_status="success")
 
 
-def test_a_broker_error_in_the_watchdogs_resend_is_logged_and_retried(campaign) -> None:
-    report = report_of(campaign, "watchdog.resend")
+@pytest.mark.parametrize("point", ["watchdog.resend"])
+def test_a_broker_error_in_the_watchdogs_resend_is_logged_and_retried(point: str, campaign) -> None:
+    report = report_of(campaign, point)
     assert report.crashed, f"the failure was never injected\n{report.describe()}"
     assert any("resend failures logged: 1" in n for n in report.notes), report.describe()
     check_invariants(report, expected_status="success")
