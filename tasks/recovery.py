@@ -7,9 +7,11 @@ an overdue job (finalize it and store its result under the job id).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +73,7 @@ def start_threads() -> None:
             claimer=f"{socket.gethostname()}:{os.getpid()}",
             # A re-sent task may wait this long in the queue before it counts as lost again.
             queued_grace_s=max(300.0, 10 * s.leases.ttl_s),
+            rescue_orphans=rescue_orphans,
         )
         _tickers.extend(
             [
@@ -92,6 +95,29 @@ def resend(payload: dict[str, Any]) -> None:
     """Send a lost task again, under its own task id."""
     fail_point("watchdog.resend")
     app.signature(payload).apply_async()
+
+
+def rescue_orphans() -> None:
+    """Our messages that a worker took from the broker and died holding before it leased them:
+    kombu keeps each in its unacked set until the visibility timeout (10 minutes). One that has
+    waited there longer than two lease lifetimes with no lease is back on its queue now (a
+    live worker leases a message within milliseconds of taking it). kombu stamps deliveries
+    with the delivering host's clock; the margin is far wider than any sane skew."""
+    s = services()
+    with app.pool.acquire(block=True) as connection:
+        channel = connection.default_channel
+        qos, client = channel.qos, channel.client
+        ceil = time.time() - 2 * s.leases.ttl_s
+        for tag in client.zrangebyscore(qos.unacked_index_key, 0, ceil, start=0, num=100):
+            raw = client.hget(qos.unacked_key, tag)
+            if raw is None:
+                continue  # acked meanwhile
+            message, _, _ = json.loads(raw)
+            headers = message.get("headers") or {}
+            task_id, task = headers.get("id"), headers.get("task")
+            if task in _OUR_TASKS and task_id and not s.leases.held(task_id):
+                qos.restore_by_tag(tag, client)
+                log.warning("orphaned_message_restored", task_id=task_id, task=task)
 
 
 def finalize_and_store(job_id: str, cause: Cause) -> Any:

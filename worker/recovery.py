@@ -20,7 +20,11 @@ A *delivery* is one run of one task message on one worker. Its life:
    nothing. The watchdog sends the message again, then extends the lease to cover the wait in
    the queue. A watchdog that dies or fails to send leaves the claim to expire and be claimed
    again: the task cannot be lost between the claim and the re-send.
-6. Every job has a **deadline**, claimed by the watchdog the same way (pushed out, not
+6. A message taken from the broker by a worker that died before it could lease it (the instant
+   between the broker's pop and the worker's receipt) is found by the watchdog too: unacked
+   for longer than a lease's life with no lease, it goes back to its queue (``rescue_orphans``
+   in ``tasks/recovery.py``, which knows the broker's bookkeeping).
+7. Every job has a **deadline**, claimed by the watchdog the same way (pushed out, not
    removed); the job is finalized with what exists, and the deadline goes only once the job's
    result is stored.
 
@@ -96,6 +100,10 @@ class Leases:
     def expiry(self, task_id: str) -> float | None:
         score = self._redis.zscore(c.LEASES, task_id)
         return float(score) if score is not None else None
+
+    def held(self, task_id: str) -> bool:
+        """True while some delivery (or a claim, or a retry's hand-over) holds the lease."""
+        return bool(self._redis.hexists(c.LEASE_RECORDS, task_id))
 
 
 class Deadlines:
@@ -230,11 +238,13 @@ class Watchdog:
         finalize_overdue: Callable[[str], None],
         claimer: str,
         queued_grace_s: float,
+        rescue_orphans: Callable[[], None] = lambda: None,
     ) -> None:
         self._leases = leases
         self._deadlines = deadlines
         self._resend = resend
         self._finalize_overdue = finalize_overdue
+        self._rescue_orphans = rescue_orphans
         self._claimer = claimer
         # How long a re-sent task may wait in the queue before it counts as lost again.
         self._queued_grace_s = queued_grace_s
@@ -259,6 +269,7 @@ class Watchdog:
             crash_point("watchdog.after_resend")
             self._leases.extend(claim.task_id, claim.token, self._queued_grace_s)
             log.warning("lost_task_resent", task_id=claim.task_id, task=claim.payload.get("task"))
+        self._rescue_orphans()
         for job_id in self._deadlines.claim_due(hold_s=max(60.0, self._claim_hold_s)):
             self._finalize_overdue(job_id)
 
