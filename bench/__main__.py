@@ -5,6 +5,7 @@ from __future__ import annotations
 from bench import (
     cost,
     events,
+    fairness,
     latency,
     memory,
     recovery,
@@ -15,7 +16,17 @@ from bench import (
 
 
 def main() -> None:
-    for module in (latency, replicate, throughput, memory, events, cost, redis_memory, recovery):
+    for module in (
+        latency,
+        replicate,
+        throughput,
+        fairness,
+        memory,
+        events,
+        cost,
+        redis_memory,
+        recovery,
+    ):
         print(f"=== {module.__name__}", flush=True)
         module.main()
 

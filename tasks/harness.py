@@ -154,3 +154,95 @@ def base_worker_env(redis_url: str, storage_dir: Path) -> dict[str, str]:
         REFERENCE_GEN_CONCURRENCY="4",
     )
     return env
+
+
+def sized_plan(scenes: int, characters: int, *, label: str = "s") -> dict[str, Any]:
+    """A valid plan of ``scenes + characters`` images under a fresh job id; image ids are
+    ``{label}_scene_{i}`` and ``{label}_character_{i}``, so a test can make one of them flaky."""
+    return {
+        "job_id": str(uuid.uuid4()),
+        "video_summary": f"A {scenes + characters}-image job",
+        "scenes": [
+            {"id": f"{label}_scene_{i}", "description": f"Place number {i} at dusk"}
+            for i in range(scenes)
+        ],
+        "characters": [
+            {"id": f"{label}_character_{i}", "description": f"Person number {i} in a red coat"}
+            for i in range(characters)
+        ],
+        "style": {"color_palette": ["#112233", "#445566"], "visual_style": "flat"},
+    }
+
+
+@dataclass
+class Timeline:
+    """One job's events as they were published, with ``published_at`` (the Redis clock) and
+    when this process sent the job and saw its end (``time.perf_counter``)."""
+
+    job_id: str
+    sent_at: float
+    events: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
+    ended_at: float | None = None
+
+    @property
+    def end(self) -> tuple[dict[str, Any], float]:
+        """The final ``stage_update`` and when it was published."""
+        for event_type, data, published_at in self.events:
+            if event_type == "stage_update" and data["status"] != "started":
+                return data, published_at
+        raise LookupError(f"job {self.job_id} has not ended")
+
+    @property
+    def latency_s(self) -> float:
+        """From sending the job to seeing its final event, on this process's clock."""
+        if self.ended_at is None:
+            raise LookupError(f"job {self.job_id} has not ended")
+        return self.ended_at - self.sent_at
+
+    def published(self, event_type: str, **match: Any) -> list[float]:
+        return [
+            at
+            for t, d, at in self.events
+            if t == event_type and all(d.get(k) == v for k, v in match.items())
+        ]
+
+
+class JobWatch:
+    """Sends many jobs by name, as upstream does, and records every event of each on its
+    channel: for scenarios where the order across jobs is the point."""
+
+    def __init__(self, redis_url: str, client: Celery) -> None:
+        self.client = client
+        self._redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self._listener = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self._listener.psubscribe("job_events:*")
+        self.jobs: dict[str, Timeline] = {}
+
+    def send(self, plan: dict[str, Any]) -> None:
+        job_id = str(plan["job_id"])
+        self.jobs[job_id] = Timeline(job_id, time.perf_counter())
+        self.client.send_task("reference_generator.start", kwargs={"job_id": job_id, "plan": plan})
+
+    def wait(self, timeout_s: float = 120) -> dict[str, Timeline]:
+        """Until every job sent has ended; raises ``JobTimeout`` otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while any(job.ended_at is None for job in self.jobs.values()):
+            if time.monotonic() > deadline:
+                pending = [j for j, job in self.jobs.items() if job.ended_at is None]
+                raise JobTimeout(f"{len(pending)} job(s) did not end in {timeout_s} s")
+            message = self._listener.get_message(timeout=0.5)
+            if message is None:
+                continue
+            received = time.perf_counter()
+            body = json.loads(message["data"])
+            job = self.jobs.get(str(message["channel"]).removeprefix("job_events:"))
+            if job is None:
+                continue
+            job.events.append((body["event_type"], body["data"], float(body["published_at"])))
+            if body["event_type"] == "stage_update" and body["data"]["status"] != "started":
+                job.ended_at = received
+        return self.jobs
+
+    def close(self) -> None:
+        self._listener.close()
+        self._redis.close()
