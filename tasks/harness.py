@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -209,7 +210,8 @@ class Timeline:
 
 class JobWatch:
     """Sends many jobs by name, as upstream does, and records every event of each on its
-    channel: for scenarios where the order across jobs is the point."""
+    channel as it arrives (on a thread of its own, so a job that ends while more are being
+    sent is timed when it ends): for scenarios where the order across jobs is the point."""
 
     def __init__(self, redis_url: str, client: Celery) -> None:
         self.client = client
@@ -217,32 +219,46 @@ class JobWatch:
         self._listener = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         self._listener.psubscribe("job_events:*")
         self.jobs: dict[str, Timeline] = {}
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="job-watch", daemon=True)
+        self._reader.start()
 
     def send(self, plan: dict[str, Any]) -> None:
         job_id = str(plan["job_id"])
-        self.jobs[job_id] = Timeline(job_id, time.perf_counter())
+        with self._changed:
+            self.jobs[job_id] = Timeline(job_id, time.perf_counter())
         self.client.send_task("reference_generator.start", kwargs={"job_id": job_id, "plan": plan})
 
-    def wait(self, timeout_s: float = 120) -> dict[str, Timeline]:
-        """Until every job sent has ended; raises ``JobTimeout`` otherwise."""
-        deadline = time.monotonic() + timeout_s
-        while any(job.ended_at is None for job in self.jobs.values()):
-            if time.monotonic() > deadline:
-                pending = [j for j, job in self.jobs.items() if job.ended_at is None]
-                raise JobTimeout(f"{len(pending)} job(s) did not end in {timeout_s} s")
-            message = self._listener.get_message(timeout=0.5)
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            message = self._listener.get_message(timeout=0.1)
             if message is None:
                 continue
             received = time.perf_counter()
             body = json.loads(message["data"])
-            job = self.jobs.get(str(message["channel"]).removeprefix("job_events:"))
-            if job is None:
-                continue
-            job.events.append((body["event_type"], body["data"], float(body["published_at"])))
-            if body["event_type"] == "stage_update" and body["data"]["status"] != "started":
-                job.ended_at = received
-        return self.jobs
+            with self._changed:
+                job = self.jobs.get(str(message["channel"]).removeprefix("job_events:"))
+                if job is None:
+                    continue
+                job.events.append((body["event_type"], body["data"], float(body["published_at"])))
+                if body["event_type"] == "stage_update" and body["data"]["status"] != "started":
+                    job.ended_at = received
+                    self._changed.notify_all()
+
+    def wait(self, timeout_s: float = 120) -> dict[str, Timeline]:
+        """Until every job sent has ended; raises ``JobTimeout`` otherwise."""
+        with self._changed:
+            ended = self._changed.wait_for(
+                lambda: all(job.ended_at is not None for job in self.jobs.values()), timeout_s
+            )
+            if not ended:
+                pending = [j for j, job in self.jobs.items() if job.ended_at is None]
+                raise JobTimeout(f"{len(pending)} job(s) did not end in {timeout_s} s")
+            return dict(self.jobs)
 
     def close(self) -> None:
+        self._stop.set()
+        self._reader.join()
         self._listener.close()
         self._redis.close()
