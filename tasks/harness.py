@@ -17,6 +17,9 @@ from typing import Any
 
 import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
+
+from worker.constants import PRIORITY_LEVELS
 
 
 class JobTimeout(AssertionError):
@@ -33,6 +36,13 @@ def bare_client(redis_url: str) -> Celery:
         broker_connection_retry_on_startup=True,
     )
     return app
+
+
+def broker_lists(queue: str) -> list[str]:
+    """The Redis lists the broker keeps for ``queue``, one per priority level (celeryconfig's
+    ``priority_steps``): level 0 is the queue's own name, level n is ``queue + sep + n``."""
+    sep = kombu_redis.Channel.sep
+    return [queue if level == 0 else f"{queue}{sep}{level}" for level in PRIORITY_LEVELS]
 
 
 class WorkerProcess:
