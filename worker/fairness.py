@@ -14,12 +14,12 @@ slot serves:
   queued before it; within a class, first come first served.
 
 This is shortest-job-first in classes of doubling size. It was measured against serving
-images round-robin by their position in their job (first images of every job, then second
-images, ...) and against a feedback queue (every job's first four images, then the next four,
-...): both let the large job's first images and the small jobs' first images go before the
-small jobs' second images, so small jobs took longer (README: Performance, Fairness).
-Its price: a large job also waits for smaller jobs that arrive after it. The job deadline
-bounds that wait.
+images round-robin by their position in their job (every job's first image, then every
+job's second, ...) and against a feedback queue (every job's first four images, then the
+next four, then eight, ...). Both make small jobs wait longer: the first serves every job's
+first image before any job's second, the second serves the large job's first four images
+alongside the small jobs' (README: Performance, Fairness under load). Its price: a large job
+also waits for smaller jobs that arrive after it; the job deadline bounds that wait.
 """
 
 from __future__ import annotations
