@@ -1,4 +1,4 @@
-"""`python -m bench`: every benchmark, one after another (about ten minutes)."""
+"""`python -m bench`: every benchmark, one after another (about twelve minutes)."""
 
 from __future__ import annotations
 
