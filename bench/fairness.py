@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 
 from bench.common import cluster, figure, load_plan, table
-from tasks.harness import JobRunner, JobWatch, sized_plan
+from tasks.harness import JobRunner
+from tasks.jobwatch import JobWatch, sized_plan
 
 LATENCY_S, SLOTS = 1.0, 4
 BIG, SMALL, SMALL_JOBS = 48, 2, 10

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import redis
 
-from tasks.harness import JobRun, JobRunner, WorkerProcess, base_worker_env, broker_lists
+from tasks.harness import JobRun, JobRunner, WorkerProcess, base_worker_env
+from tasks.jobwatch import broker_lists
 from tasks.localredis import RedisServer
 from worker.constants import LEASE_RECORDS
 

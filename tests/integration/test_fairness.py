@@ -18,14 +18,8 @@ from typing import Any
 import pytest
 import redis
 
-from tasks.harness import (
-    JobWatch,
-    Timeline,
-    WorkerProcess,
-    bare_client,
-    base_worker_env,
-    sized_plan,
-)
+from tasks.harness import WorkerProcess, bare_client, base_worker_env
+from tasks.jobwatch import JobWatch, Timeline, sized_plan
 from tasks.localredis import RedisServer
 from worker import constants as c
 from worker.fairness import image_priority
