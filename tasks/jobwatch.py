@@ -97,7 +97,13 @@ class JobWatch:
         job_id = str(plan["job_id"])
         with self._changed:
             self.jobs[job_id] = Timeline(job_id, time.perf_counter())
-        self.client.send_task("reference_generator.start", kwargs={"job_id": job_id, "plan": plan})
+        # ignore_result: start stores none, and waiting for one would subscribe this client to
+        # a channel for nothing.
+        self.client.send_task(
+            "reference_generator.start",
+            kwargs={"job_id": job_id, "plan": plan},
+            ignore_result=True,
+        )
 
     def _read(self) -> None:
         while not self._stop.is_set():
