@@ -32,7 +32,9 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 # Longer than the longest delivery (120 s image deadline, the upload's three attempts and a
 # Retry-After wait), so a slow image is never handed to a second worker while it runs.
-broker_transport_options = {"visibility_timeout": 600}
+# One list per priority level 0–9 (worker/fairness.py), where kombu's default keeps four and
+# folds the others into them; a client with the default steps still lands in one of these.
+broker_transport_options = {"visibility_timeout": 600, "priority_steps": list(c.PRIORITY_LEVELS)}
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # reconnect for as long as it takes
 # Result writes (chord counts among them) ride out a Redis restart instead of failing a task.

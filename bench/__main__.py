@@ -1,11 +1,12 @@
-"""`python -m bench`: every benchmark, one after another (about twenty-five minutes, the soak
-the longest)."""
+"""`python -m bench`: every benchmark, one after another (about half an hour, the soak the
+longest)."""
 
 from __future__ import annotations
 
 from bench import (
     cost,
     events,
+    fairness,
     latency,
     memory,
     plain_chord,
@@ -18,7 +19,17 @@ from bench import (
 
 
 def main() -> None:
-    for module in (latency, replicate, throughput, memory, events, cost, redis_memory, recovery):
+    for module in (
+        latency,
+        replicate,
+        throughput,
+        fairness,
+        memory,
+        events,
+        cost,
+        redis_memory,
+        recovery,
+    ):
         print(f"=== {module.__name__}", flush=True)
         module.main()
     for long_running in (plain_chord, soak):

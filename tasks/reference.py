@@ -12,6 +12,7 @@ from tasks.app import app, services
 from tasks.recovery import abandoned_as_ignored, finalize_and_store, hand_to_retry
 from worker import constants as c
 from worker.crashpoints import crash_point
+from worker.fairness import image_priority
 from worker.lifecycle import Duplicate, JobFinalizer, JobIntake, Launch
 from worker.models import ImageOutcome, ImageSpec
 from worker.pipeline import ImagePipeline, RetryIn
@@ -56,15 +57,23 @@ def start(
 def launch(job: JobPlan) -> None:
     """Send the job's chord. Every id in it derives from the job, so a redelivered ``start``
     that sends it again makes the same chord: its parts count once, its callback runs once."""
+    images = priority(image_priority(len(job.images)))
     header = group(
         [
             generate_reference.s(spec.model_dump(mode="json")).set(
-                task_id=f"{job.job_id}:{spec.key}"
+                task_id=f"{job.job_id}:{spec.key}", **images
             )
             for spec in job.images
         ]
     ).set(task_id=f"{job.job_id}:images")
-    chord(header)(finalize.s(job.job_id).set(task_id=job.job_id))
+    chord(header)(finalize.s(job.job_id).set(task_id=job.job_id, **priority(c.PRIORITY_TOP)))
+
+
+def priority(level: int) -> dict[str, int]:
+    """A message's priority option (worker/fairness.py); none when fairness is off, so every
+    message lands in its queue's one list, first in first out. A re-sent message (a retry, the
+    watchdog's) keeps the priority it was delivered with."""
+    return {"priority": level} if services().settings.reference_gen_fairness else {}
 
 
 @app.task(
@@ -80,11 +89,19 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
     with abandoned_as_ignored(self):
         step = ImagePipeline(services()).run(image, attempt=self.request.retries)
         if isinstance(step, RetryIn):
-            retry = self.signature_from_request(self.request, retries=self.request.retries + 1)
+            # A retry is due 2 s after its first attempt: it goes ahead of the fresh images
+            # queued meanwhile, here and in the lease that may send it again.
+            top = priority(c.PRIORITY_TOP)
+            retry = self.signature_from_request(
+                self.request, retries=self.request.retries + 1, **top
+            )
             hand_to_retry(self, dict(retry), step.delay_s)
             crash_point("image.after_retry_handover")
             sent = self.retry(
-                countdown=step.delay_s, max_retries=c.GENERATION_MAX_ATTEMPTS - 1, throw=False
+                countdown=step.delay_s,
+                max_retries=c.GENERATION_MAX_ATTEMPTS - 1,
+                throw=False,
+                **top,
             )
             crash_point("image.after_retry_sent")
             raise sent

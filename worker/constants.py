@@ -14,6 +14,12 @@ TASK_FINALIZE: Final = f"{STAGE}.finalize"
 TASK_PURGE: Final = f"{STAGE}.purge_expired"
 DEFAULT_QUEUE: Final = STAGE
 
+# Message priorities on the Redis broker (worker/fairness.py): 0 is served first, and kombu's
+# Redis transport knows 0–9. The worker keeps one list per level and queue.
+PRIORITY_TOP: Final = 0
+PRIORITY_LOWEST: Final = 9
+PRIORITY_LEVELS: Final = tuple(range(PRIORITY_TOP, PRIORITY_LOWEST + 1))
+
 # Event types relayed by the SSE gateway (SPEC §7).
 EVENT_STAGE_UPDATE: Final = "stage_update"
 EVENT_IMAGE_START: Final = "reference_generation_start"

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     reference_gen_concurrency: int = Field(default=4, ge=1, le=64)
     reference_gen_pool: Literal["threads", "prefork", "solo"] = "threads"
     reference_gen_queues: Annotated[list[str], NoDecode] = [c.DEFAULT_QUEUE, "celery"]
+    # Smaller jobs first, and start, finalize and retries before images (worker/fairness.py);
+    # false: every message in one list per queue, first in first out.
+    reference_gen_fairness: bool = True
     max_images_per_job: int = Field(default=c.MAX_IMAGES_PER_JOB, ge=1)
     # How long a job's result and bookkeeping stay readable in Redis (README: Scaling).
     job_state_ttl_s: int = Field(default=c.JOB_STATE_TTL_S, ge=3600)
