@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -306,3 +307,40 @@ def test_a_worker_with_free_slots_survives_a_redis_restart(
     assert "Unrecoverable error" not in log
     after = runner(load_plan("minimal_1x1"), timeout_s=60)  # and it keeps taking work
     assert after.result["status"] == "success"
+
+
+THIEF = """
+import os, signal
+from tasks.app import app
+with app.connection_for_read() as connection:
+    def die_holding_it(body, message):
+        os.kill(os.getpid(), signal.SIGKILL)  # taken from the queue, never acked, never leased
+    queue = app.amqp.queues["reference_generator"]
+    with connection.Consumer(queue, callbacks=[die_holding_it], accept=["json"]):
+        connection.drain_events(timeout=20)
+"""
+
+
+def test_a_message_taken_by_a_worker_that_died_before_leasing_it_is_put_back(
+    env, broker, tmp_path, workers, load_plan
+) -> None:
+    """The instant between the broker's pop and the worker's receipt: the message sits in
+    kombu's unacked set with no lease. The watchdog puts it back long before the broker's
+    10-minute visibility timeout would."""
+    runner = JobRunner(broker.url)
+    plan = load_plan("minimal_1x1")
+    runner.client.send_task(
+        "reference_generator.start",
+        kwargs={"job_id": plan["job_id"], "plan": plan},
+        queue="reference_generator",
+    )
+    thief = subprocess.run(
+        [sys.executable, "-c", THIEF], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert thief.returncode == -signal.SIGKILL, thief.stderr[-2000:]
+    client = redis.Redis.from_url(broker.url, decode_responses=True)
+    assert client.zcard("unacked_index") == 1  # the start message, held by nobody alive
+    worker = start_worker(env, runner, tmp_path, "rescuer", workers)
+    result = poll_result(runner, plan["job_id"], timeout_s=60)
+    assert result["status"] == "success"
+    assert "orphaned_message_restored" in worker.log_path.read_text()
