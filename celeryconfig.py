@@ -11,13 +11,19 @@ from worker import constants as c
 from worker.settings import get_settings
 
 _settings = get_settings()
-
-broker_url = _settings.redis_url
-# kombu's Redis transport, with a worker that survives Redis going away (tasks/transport.py).
-broker_transport = "tasks.transport:Transport"
-# Celery's Redis backend minus its pub/sub result consumer, which in a worker kept every
-# chord header task's result and subscribed channel for good (tasks/backend.py).
-result_backend = f"tasks.backend:PollingRedisBackend+{_settings.redis_url}"
+# One Redis URL, or Sentinel (README: Redis failover). kombu's Redis transport, with a worker
+# that survives Redis going away (tasks/transport.py); Celery's Redis backend minus its pub/sub
+# result consumer, which in a worker kept every chord header task's result and subscribed
+# channel for good (tasks/backend.py). With a rediss:// URL, broker_use_ssl and
+# redis_backend_use_ssl carry its TLS options.
+_redis = _settings.redis_endpoint().celery_config()
+broker_url = _redis.pop("broker_url")
+broker_transport = _redis.pop("broker_transport")
+result_backend = _redis.pop("result_backend")
+result_backend_transport_options = _redis.pop("result_backend_transport_options")
+_sentinel_options = _redis.pop("broker_transport_options")
+broker_use_ssl = _redis.get("broker_use_ssl", False)
+redis_backend_use_ssl = _redis.get("redis_backend_use_ssl", False)
 
 # JSON only: a broker that accepts pickle runs code for anyone who can write to it.
 task_serializer = "json"
@@ -34,7 +40,11 @@ worker_prefetch_multiplier = 1
 # Retry-After wait), so a slow image is never handed to a second worker while it runs.
 # One list per priority level 0–9 (worker/fairness.py), where kombu's default keeps four and
 # folds the others into them; a client with the default steps still lands in one of these.
-broker_transport_options = {"visibility_timeout": 600, "priority_steps": list(c.PRIORITY_LEVELS)}
+broker_transport_options = {
+    "visibility_timeout": 600,
+    "priority_steps": list(c.PRIORITY_LEVELS),
+    **_sentinel_options,
+}
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # reconnect for as long as it takes
 # Result writes (chord counts among them) ride out a Redis restart instead of failing a task.

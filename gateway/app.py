@@ -27,6 +27,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -34,6 +36,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from gateway.access import AccessLog
 from gateway.pages import escape, index_page, unavailable_page
@@ -41,6 +44,7 @@ from gateway.stream import JobEventStream, is_stream_id, stream_client
 from worker import constants as c
 from worker.job_index import JobSummary
 from worker.metrics import JobMetricsCollector
+from worker.redis_endpoint import RedisEndpoint
 from worker.settings import Settings
 from worker.storage.local import LocalImageStore
 
@@ -50,11 +54,22 @@ _JOB_ID = re.compile(c.ID_PATTERN)
 _INDEX_ROWS = 100
 # Requests other than streams: a Redis that does not answer is a quick 503, not a long wait.
 _REQUEST_TIMEOUT_S = 3.0
+# How long a new event stream waits for a Redis that is away (a failover takes seconds; a
+# managed service's, up to half a minute) before it is answered 503.
+_STREAM_PATIENCE_S = 30.0
 
 
-def request_client(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        url,
+def _patient_while_redis_is_away() -> AsyncRetrying:
+    return AsyncRetrying(
+        retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
+        wait=wait_exponential(multiplier=0.1, min=0.1, max=2.0),
+        stop=stop_after_delay(_STREAM_PATIENCE_S),
+        reraise=True,
+    )
+
+
+def request_client(endpoint: RedisEndpoint) -> aioredis.Redis:
+    return endpoint.async_client(
         decode_responses=True,
         socket_timeout=_REQUEST_TIMEOUT_S,
         socket_connect_timeout=_REQUEST_TIMEOUT_S,
@@ -62,10 +77,9 @@ def request_client(url: str) -> aioredis.Redis:
     )
 
 
-def metrics_client(url: str) -> redis.Redis:
+def metrics_client(endpoint: RedisEndpoint) -> redis.Redis:
     """The Prometheus collector is synchronous; it runs in a thread with this client."""
-    return redis.Redis.from_url(
-        url,
+    return endpoint.client(
         decode_responses=True,
         socket_timeout=_REQUEST_TIMEOUT_S,
         socket_connect_timeout=_REQUEST_TIMEOUT_S,
@@ -128,9 +142,15 @@ class Gateway:
                 },
                 status_code=400,
             )
-        if not await self._known(job_id):
+        # A stream opened while Redis fails over waits for it, as an open stream would; a
+        # browser given a 503 here would stop following (EventSource gives up on an error).
+        async for attempt in _patient_while_redis_is_away():
+            with attempt:
+                known = await self._known(job_id)
+                expired = known and await self._events_expired(job_id)
+        if not known:
             return JSONResponse({"detail": f"unknown job {job_id}"}, status_code=404)
-        if await self._events_expired(job_id):
+        if expired:
             detail = (
                 f"the events of job {job_id} have expired (they are kept "
                 f"{c.EVENTS_STREAM_TTL_S // 3600} h after the job's last event); its result "
@@ -224,9 +244,9 @@ def create_app(
     """The gateway's ASGI app; its Redis clients are built here unless handed in."""
     gateway = Gateway(
         settings,
-        client or request_client(settings.redis_url),
-        streams or stream_client(settings.redis_url),
-        sync_client or metrics_client(settings.redis_url),
+        client or request_client(settings.redis_endpoint()),
+        streams or stream_client(settings.redis_endpoint()),
+        sync_client or metrics_client(settings.redis_endpoint()),
     )
     return Starlette(
         routes=[

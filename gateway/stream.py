@@ -31,6 +31,7 @@ from tenacity import (
 )
 
 from worker import constants as c
+from worker.redis_endpoint import RedisEndpoint
 
 log = structlog.get_logger(__name__)
 
@@ -55,10 +56,10 @@ def is_final(message: dict[str, Any]) -> bool:
     ) in ("completed", "failed")
 
 
-def stream_client(url: str) -> aioredis.Redis:
-    """The client that blocks on job streams: its socket timeout outlasts every block."""
-    return aioredis.Redis.from_url(
-        url,
+def stream_client(endpoint: RedisEndpoint) -> aioredis.Redis:
+    """The client that blocks on job streams: its socket timeout outlasts every block. Through
+    Sentinel, each reconnection asks where the primary is, so a stream follows a failover."""
+    return endpoint.async_client(
         decode_responses=True,
         socket_timeout=STREAM_SOCKET_TIMEOUT_S,
         socket_connect_timeout=3,

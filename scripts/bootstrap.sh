@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs to run the demo (and, with --test, the tests): redis-server
-# (and Chromium, for the browser test) from Debian, a virtualenv, and the project installed with
+# (and Chromium, for the browser test, and openssl) from Debian, a virtualenv, and the project installed with
 # exactly the pinned versions in constraints.txt. Safe to run again: it does only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,10 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
     missing+=(chromium)
+fi
+# The managed-Redis test makes its own TLS certificates.
+if [ "${1:-}" = "--test" ] && ! command -v openssl >/dev/null 2>&1; then
+    missing+=(openssl)
 fi
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then

@@ -24,13 +24,20 @@ from __future__ import annotations
 from typing import Any
 
 from celery.backends.base import SyncBackendMixin
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
 
-class PollingRedisBackend(SyncBackendMixin, RedisBackend):  # type: ignore[misc]
-    """``result_backend = "tasks.backend:PollingRedisBackend+redis://..."``."""
-
+class _Polling(SyncBackendMixin):  # type: ignore[misc]
     def on_task_call(self, producer: Any, task_id: str) -> None:
         # The Redis backend subscribes to a task's channel as it is sent, unless the caller
         # is a worker's pool thread; a watchdog or a client sending tasks would subscribe too.
         return None
+
+
+class PollingRedisBackend(_Polling, RedisBackend):  # type: ignore[misc]
+    """``result_backend = "tasks.backend:PollingRedisBackend+redis://..."``."""
+
+
+class PollingSentinelBackend(_Polling, SentinelBackend):  # type: ignore[misc]
+    """``result_backend = "tasks.backend:PollingSentinelBackend+sentinel://...;sentinel://..."``
+    with ``result_backend_transport_options = {"master_name": ...}``."""

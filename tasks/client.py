@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 
@@ -46,13 +45,6 @@ class RunRequest:
     duration_seconds: float | None = None
     job_id: str | None = None
     timeout_s: float = 900.0
-
-
-def safe_url(url: str) -> str:
-    """The broker URL without its password, for messages."""
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
-    return f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path}"
 
 
 def load_plan(request: RunRequest, settings: Settings) -> dict[str, Any]:
@@ -146,15 +138,14 @@ def run(request: RunRequest, settings: Settings) -> int:
             print(f"  {detail}", file=sys.stderr)
         return ex.INVALID
     job_id = str(plan["job_id"])
-    client = redis.Redis.from_url(
-        settings.redis_url, decode_responses=True, socket_connect_timeout=3, socket_timeout=10
+    where = settings.redis_endpoint().describe()
+    client = settings.redis_endpoint().client(
+        decode_responses=True, socket_connect_timeout=3, socket_timeout=10
     )
     try:
         client.ping()
     except redis.RedisError as exc:
-        print(
-            f"refgen: cannot reach Redis at {safe_url(settings.redis_url)}: {exc}", file=sys.stderr
-        )
+        print(f"refgen: cannot reach Redis at {where}: {exc}", file=sys.stderr)
         return ex.BROKER
 
     # Celery is imported only once the plan is good: a bad file fails fast.
@@ -185,7 +176,7 @@ def run(request: RunRequest, settings: Settings) -> int:
                     "duration_seconds": request.duration_seconds,
                 },
             )
-            view.say(f"sent job {job_id} to {safe_url(settings.redis_url)}")
+            view.say(f"sent job {job_id} to {where}")
         return follow(
             app,
             JobEvents(client, job_id, cursor),
@@ -205,7 +196,7 @@ def run(request: RunRequest, settings: Settings) -> int:
         return ex.INTERRUPTED
     except redis.RedisError as exc:
         print(
-            f"refgen: lost Redis at {safe_url(settings.redis_url)}: {type(exc).__name__}",
+            f"refgen: lost Redis at {where}: {type(exc).__name__}",
             file=sys.stderr,
         )
         return ex.BROKER
@@ -253,7 +244,8 @@ def follow(
                 warned = True
                 view.say(_no_worker_message(app, job_id, now - started, settings))
         except (redis.RedisError, OSError):
-            if not _wait_for_redis(client, settings.redis_url, settings.broker_grace_s):
+            where = settings.redis_endpoint().describe()
+            if not _wait_for_redis(client, where, settings.broker_grace_s):
                 return ex.BROKER
         except ResultTimeout:
             break
@@ -269,7 +261,7 @@ def _no_worker_message(app: Any, job_id: str, waited_s: float, settings: Setting
         workers = len(app.control.ping(timeout=1.0) or [])
     except Exception:  # a broker hiccup must not end the wait; the loop handles Redis
         workers = 0
-    where = safe_url(settings.redis_url)
+    where = settings.redis_endpoint().describe()
     if workers:
         return (
             f"refgen: no worker has taken job {job_id} after {waited_s:.0f} s; {workers} "
@@ -277,7 +269,7 @@ def _no_worker_message(app: Any, job_id: str, waited_s: float, settings: Setting
         )
     return (
         f"refgen: no worker has taken job {job_id} after {waited_s:.0f} s and none answers on "
-        f"{where}; start one (`refgen worker`) with the same REDIS_URL. Still waiting"
+        f"{where}; start one (`refgen worker`) with the same Redis settings. Still waiting"
     )
 
 
@@ -296,10 +288,10 @@ def _already_ran(request: RunRequest, job_id: str, history: JobHistory, result: 
     return ex.RESULT if result is not None else ex.TEXT_ONLY
 
 
-def _wait_for_redis(client: redis.Redis, url: str, grace_s: float) -> bool:
-    """Ride out a broker restart; give up, clearly, when it stays gone."""
+def _wait_for_redis(client: redis.Redis, where: str, grace_s: float) -> bool:
+    """Ride out a broker restart or failover; give up, clearly, when it stays gone."""
     print(
-        f"refgen: lost Redis at {safe_url(url)}; waiting up to {grace_s:g} s for it to come back",
+        f"refgen: lost Redis at {where}; waiting up to {grace_s:g} s for it to come back",
         file=sys.stderr,
     )
     end = time.monotonic() + grace_s
@@ -311,7 +303,7 @@ def _wait_for_redis(client: redis.Redis, url: str, grace_s: float) -> bool:
         except (redis.RedisError, OSError):
             time.sleep(1.0)
     print(
-        f"refgen: Redis at {safe_url(url)} is gone; the job may still finish on its "
+        f"refgen: Redis at {where} is gone; the job may still finish on its "
         "workers when it returns (read the result by job id)",
         file=sys.stderr,
     )

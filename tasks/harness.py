@@ -22,8 +22,10 @@ class JobTimeout(AssertionError):
     """A job did not end in time (an AssertionError, so tests report it as a failure)."""
 
 
-def bare_client(redis_url: str) -> Celery:
-    """What an upstream stage has: the broker's address and task names, nothing else."""
+def bare_client(redis_url: str, *, sentinel_master: str | None = None) -> Celery:
+    """What an upstream stage has: the broker's address and task names, nothing else. With
+    ``sentinel_master``, ``redis_url`` lists the Sentinels
+    (``sentinel://host:port;sentinel://host:port``), as in the README's upstream contract."""
     app = Celery("upstream", broker=redis_url, backend=redis_url)
     app.conf.update(
         task_serializer="json",
@@ -31,6 +33,11 @@ def bare_client(redis_url: str) -> Celery:
         result_accept_content=["json"],
         broker_connection_retry_on_startup=True,
     )
+    if sentinel_master is not None:
+        app.conf.broker_transport_options = {"master_name": sentinel_master}
+        app.conf.result_backend_transport_options = {"master_name": sentinel_master}
+        # The first read after a failover can find the Sentinels' connections stale.
+        app.conf.result_backend_always_retry = True
     return app
 
 
@@ -156,7 +163,9 @@ def base_worker_env(redis_url: str, storage_dir: Path) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("REPLICATE_", "SUPABASE_", "LOCAL_", "REFERENCE_", "IMAGE_"))
+        if not k.startswith(
+            ("REDIS_", "REFGEN_", "REPLICATE_", "SUPABASE_", "LOCAL_", "REFERENCE_", "IMAGE_")
+        )
     }
     env.update(
         REDIS_URL=redis_url,

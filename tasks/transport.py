@@ -14,18 +14,48 @@ unacked set (restored after the visibility timeout) and their leases bring them 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
-class Channel(kombu_redis.Channel):
+class _ClosesAfterLostPoll:
+    _in_poll: bool
+    closed: bool
+
     def close(self) -> None:
         if self._in_poll and not self.closed:
             with contextlib.suppress(Exception):  # the broker went away mid-BRPOP
-                self._brpop_read()  # type: ignore[no-untyped-call]
+                self._brpop_read()  # type: ignore[attr-defined]
             self._in_poll = False
-        super().close()  # type: ignore[no-untyped-call]
+        super().close()  # type: ignore[misc]
+
+    def queue_delete(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        # Closing deletes the channel's auto-delete fanout bindings (Celery's gossip and
+        # control queues). With the broker gone (a failover under way) that raises out of
+        # close() before the pools are released; the next close, from Celery, then fails
+        # with a traceback. A binding left behind is the same one the worker makes again.
+        if not getattr(self, "_closing", False):
+            return super().queue_delete(queue, *args, **kwargs)  # type: ignore[misc]
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+            return super().queue_delete(queue, *args, **kwargs)  # type: ignore[misc]
+        return None
+
+
+class Channel(_ClosesAfterLostPoll, kombu_redis.Channel):
+    pass
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(_ClosesAfterLostPoll, kombu_redis.SentinelChannel):
+    """The same, with the server found through Sentinel (README: Redis failover): a failover
+    is a lost connection like a restart, and the reconnection asks the Sentinels again."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

@@ -17,6 +17,7 @@ import redis
 from worker import constants as c
 from worker.errors import BudgetExceededError
 from worker.models import money
+from worker.replication import Replication
 from worker.scripts import register
 
 
@@ -39,9 +40,15 @@ class LedgerTotals:
 class CostLedger:
     """Takes a ready-made Redis client; tests pass one pointed at their own server."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int = c.JOB_STATE_TTL_S) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        ttl_s: int = c.JOB_STATE_TTL_S,
+        replication: Replication | None = None,
+    ) -> None:
         self._redis = client
         self._ttl = ttl_s
+        self._replication = replication or Replication(client)
         self._reserve = register(client, "ledger_reserve")
         self._charge = register(client, "ledger_charge")
         self._release = register(client, "ledger_release")
@@ -108,9 +115,13 @@ class CostLedger:
         reservation; with ``made_note``, notes the image as made in the same step. Returns the
         image's cost on record, all its paid calls together."""
         keys = c.JobKeys(job_id)
-        total = self._charge(
-            keys=[*self._keys(job_id), keys.made],
-            args=[image_key, ref, to_nano(cost), self._ttl, made_note],
+        (total,) = self._replication.write(
+            "charge",
+            lambda pipe: self._charge(
+                keys=[*self._keys(job_id), keys.made],
+                args=[image_key, ref, to_nano(cost), self._ttl, made_note],
+                client=pipe,
+            ),
         )
         return from_nano(int(total))
 

@@ -160,6 +160,9 @@ class JobKeys:
 # Retry-After: about 6 minutes. Fifteen leave room for a queue behind the job.
 JOB_DEADLINE_S: Final = 900.0
 LEASE_TTL_S: Final = 20.0
+# A job whose every image has an outcome is finalized by its chord within moments; its deadline
+# is brought forward to this, so a lost chord count (a Redis failover) delays it this long.
+SETTLED_JOB_GRACE_S: Final = 30.0
 
 # How long a job's bookkeeping outlives it: long enough to read the result by job id.
 JOB_STATE_TTL_S: Final = 7 * 24 * 3600

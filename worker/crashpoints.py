@@ -5,7 +5,10 @@ when it reaches that point: the way a worker dies at an arbitrary instruction, l
 where state is half-written. ``REFGEN_FAIL_AT=<point>`` raises a broker ``ConnectionError``
 there instead. With ``REFGEN_CRASH_FUSE=<file>`` the switch fires once across every process that
 shares the file (the first to create it), so a standby worker with the same environment carries
-on. The variables are read once, at import; unset, every call is one comparison with ``None``.
+on. ``REFGEN_HOLD_AT=<point>`` with ``REFGEN_HOLD_FILE=<file>`` stops the first process to
+reach the point there: it creates the file and waits until the test removes it (at most two
+minutes), so a test can fail something else (a Redis primary) at that exact instant. The
+variables are read once, at import; unset, every call is one comparison with ``None``.
 
 The points, in the order a job meets them, are listed in ``POINTS`` (README: Reliability).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -39,16 +43,33 @@ POINTS = (
 _CRASH_AT = os.environ.get("REFGEN_CRASH_AT") or None
 _FAIL_AT = os.environ.get("REFGEN_FAIL_AT") or None
 _FUSE = os.environ.get("REFGEN_CRASH_FUSE") or None
+_HOLD_AT = os.environ.get("REFGEN_HOLD_AT") or None
+_HOLD_FILE = os.environ.get("REFGEN_HOLD_FILE") or None
+_HOLD_AT_MOST_S = 120.0
 
 
 def crash_point(name: str) -> None:
     if _CRASH_AT is not None and name == _CRASH_AT and _light_fuse():
         os.killpg(os.getpgrp(), signal.SIGKILL)
+    if _HOLD_AT is not None and name == _HOLD_AT and _HOLD_FILE is not None:
+        _hold(_HOLD_FILE)
 
 
 def fail_point(name: str) -> None:
     if _FAIL_AT is not None and name == _FAIL_AT and _light_fuse():
         raise RedisConnectionError(f"injected failure at {name} (REFGEN_FAIL_AT)")
+
+
+def _hold(path: str) -> None:
+    try:
+        os.close(os.open(f"{path}.fired", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return  # another process holds, or held, here
+    with open(path, "w"):
+        pass
+    until = time.monotonic() + _HOLD_AT_MOST_S
+    while os.path.exists(path) and time.monotonic() < until:
+        time.sleep(0.01)
 
 
 def _light_fuse() -> bool:

@@ -16,6 +16,7 @@ import redis
 
 from worker import constants as c
 from worker.models import ImageOutcome, ImageSpec
+from worker.replication import Replication
 from worker.scripts import register
 
 DoomReason = Literal["scenes", "characters", "half"]
@@ -72,9 +73,15 @@ class Commit:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, ttl_s: int = c.JOB_STATE_TTL_S) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        ttl_s: int = c.JOB_STATE_TTL_S,
+        replication: Replication | None = None,
+    ) -> None:
         self._redis = client
         self._ttl = ttl_s
+        self._replication = replication or Replication(client)
         self._begin = register(client, "begin_job")
         self._record = register(client, "record_outcome")
         self._commit = register(client, "commit_result")
@@ -97,25 +104,29 @@ class JobStore:
         keys = c.JobKeys(job_id)
         scenes = sum(1 for i in images if i.image_type == "scene")
         planned = json.dumps([i.model_dump(mode="json") for i in images])
-        began = self._begin(
-            keys=[
-                keys.meta,
-                c.DEADLINES,
-                c.events_stream(job_id),
-                c.JOB_INDEX,
-                c.JOB_INDEX_SUMMARIES,
-            ],
-            args=[
-                job_id,
-                len(images),
-                scenes,
-                len(images) - scenes,
-                planned,
-                self._ttl,
-                deadline_s,
-                c.events_channel(job_id),
-                started_event,
-            ],
+        (began,) = self._replication.write(
+            "job_plan",
+            lambda pipe: self._begin(
+                keys=[
+                    keys.meta,
+                    c.DEADLINES,
+                    c.events_stream(job_id),
+                    c.JOB_INDEX,
+                    c.JOB_INDEX_SUMMARIES,
+                ],
+                args=[
+                    job_id,
+                    len(images),
+                    scenes,
+                    len(images) - scenes,
+                    planned,
+                    self._ttl,
+                    deadline_s,
+                    c.events_channel(job_id),
+                    started_event,
+                ],
+                client=pipe,
+            ),
         )
         return bool(began)
 
@@ -169,17 +180,23 @@ class JobStore:
         One Lua script does both, so subscribers see counts in the order outcomes landed:
         ``completed_images`` and ``progress`` in the encoded events are filled in there."""
         keys = c.JobKeys(job_id)
-        is_new, stored, doomed_now = self._record(
-            keys=[keys.images, keys.counts, keys.meta, c.events_stream(job_id)],
-            args=[
-                image_key,
-                outcome.model_dump_json(),
-                "1" if outcome.ok else "0",
-                outcome.image_type,
-                self._ttl,
-                c.events_channel(job_id),
-                *announcements,
-            ],
+        ((is_new, stored, doomed_now),) = self._replication.write(
+            "outcome",
+            lambda pipe: self._record(
+                keys=[keys.images, keys.counts, keys.meta, c.events_stream(job_id), c.DEADLINES],
+                args=[
+                    image_key,
+                    outcome.model_dump_json(),
+                    "1" if outcome.ok else "0",
+                    outcome.image_type,
+                    self._ttl,
+                    c.events_channel(job_id),
+                    job_id,
+                    c.SETTLED_JOB_GRACE_S,
+                    *announcements,
+                ],
+                client=pipe,
+            ),
         )
         doomed = str(doomed_now) if doomed_now not in (0, "0", None) else None
         return Recorded(
@@ -204,29 +221,33 @@ class JobStore:
         """Commit the job's result and its final event, once. Returns whether this call
         committed, and the committed result: this call's, or an earlier finalize's."""
         keys = c.JobKeys(job_id)
-        is_new, stored = self._commit(
-            keys=[
-                keys.result,
-                keys.meta,
-                c.events_stream(job_id),
-                c.RETENTION_INDEX,
-                c.METRICS,
-                c.JOB_INDEX,
-                c.JOB_INDEX_SUMMARIES,
-            ],
-            args=[
-                commit.result_json,
-                self._ttl,
-                c.events_channel(job_id),
-                commit.final_event,
-                job_id,
-                commit.keep_s,
-                commit.outcome,
-                commit.made,
-                commit.failed,
-                commit.cost_nano,
-                *duration_buckets,
-            ],
+        ((is_new, stored),) = self._replication.write(
+            "result",
+            lambda pipe: self._commit(
+                keys=[
+                    keys.result,
+                    keys.meta,
+                    c.events_stream(job_id),
+                    c.RETENTION_INDEX,
+                    c.METRICS,
+                    c.JOB_INDEX,
+                    c.JOB_INDEX_SUMMARIES,
+                ],
+                args=[
+                    commit.result_json,
+                    self._ttl,
+                    c.events_channel(job_id),
+                    commit.final_event,
+                    job_id,
+                    commit.keep_s,
+                    commit.outcome,
+                    commit.made,
+                    commit.failed,
+                    commit.cost_nano,
+                    *duration_buckets,
+                ],
+                client=pipe,
+            ),
         )
         return bool(is_new), json.loads(stored)
 

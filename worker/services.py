@@ -15,6 +15,7 @@ from worker.job_index import JobIndex
 from worker.jobs import JobStore
 from worker.metrics import JobMetrics
 from worker.recovery import Deadlines, Holdings, ImageLocks, Leases
+from worker.replication import Replication
 from worker.retention import Retention
 from worker.settings import Settings
 from worker.storage import ImageStore, StoreReadiness
@@ -24,6 +25,7 @@ from worker.storage import ImageStore, StoreReadiness
 class Services:
     settings: Settings
     client: redis.Redis
+    replication: Replication
     generator: ImageGenerator
     store: ImageStore
     store_readiness: StoreReadiness
@@ -47,17 +49,24 @@ class Services:
         store: ImageStore | None = None,
     ) -> Services:
         """Real adapters chosen by the settings; any of them can be handed in instead."""
-        client = client or redis_client(settings.redis_url)
-        jobs = JobStore(client, ttl_s=settings.job_state_ttl_s)
+        client = client or redis_client(settings)
+        replication = Replication(
+            client,
+            replicas=settings.wait_replicas,
+            timeout_ms=settings.redis_wait_timeout_ms,
+        )
+        jobs = JobStore(client, ttl_s=settings.job_state_ttl_s, replication=replication)
         store = store or make_store(settings)
         holdings = Holdings()
         return cls(
             settings=settings,
             client=client,
-            generator=generator or make_generator(settings, client, JobMetrics(client)),
+            replication=replication,
+            generator=generator
+            or make_generator(settings, client, JobMetrics(client), replication),
             store=store,
             store_readiness=StoreReadiness(store),
-            ledger=CostLedger(client, ttl_s=settings.job_state_ttl_s),
+            ledger=CostLedger(client, ttl_s=settings.job_state_ttl_s, replication=replication),
             jobs=jobs,
             events=EventPublisher(client, JobIndex(client)),
             retention=Retention(
@@ -74,11 +83,11 @@ class Services:
         )
 
 
-def redis_client(url: str) -> redis.Redis:
-    """Our Redis client. It rides out a broker restart: connection errors are retried with
-    backoff for about half a minute before a call gives up."""
-    return redis.Redis.from_url(
-        url,
+def redis_client(settings: Settings) -> redis.Redis:
+    """Our Redis client, through Sentinel when it is configured. It rides out a restart or a
+    failover: connection errors are retried with backoff for about half a minute before a
+    call gives up, and each reconnection asks the Sentinels where the primary is now."""
+    return settings.redis_endpoint().client(
         decode_responses=True,
         health_check_interval=30,
         socket_connect_timeout=5,
@@ -88,7 +97,12 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
-def make_generator(settings: Settings, client: redis.Redis, metrics: JobMetrics) -> ImageGenerator:
+def make_generator(
+    settings: Settings,
+    client: redis.Redis,
+    metrics: JobMetrics,
+    replication: Replication | None = None,
+) -> ImageGenerator:
     if settings.resolved_generator_backend() == "replicate":
         from worker.generation.checkpoints import RedisPredictionCheckpoints
         from worker.generation.replicate import ReplicateImageGenerator
@@ -99,7 +113,9 @@ def make_generator(settings: Settings, client: redis.Redis, metrics: JobMetrics)
             creates_per_minute=settings.replicate_creates_per_minute,
             requests_per_minute=settings.replicate_requests_per_minute,
         )
-        checkpoints = RedisPredictionCheckpoints(client, ttl_s=settings.job_state_ttl_s)
+        checkpoints = RedisPredictionCheckpoints(
+            client, ttl_s=settings.job_state_ttl_s, replication=replication
+        )
         return ReplicateImageGenerator.from_settings(
             settings, checkpoints, budget, on_rate_limited=metrics.rate_limited
         )

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker import constants as c
 from worker.errors import ConfigurationError
+from worker.redis_endpoint import RedisEndpoint
 
 Environment = Literal["development", "production"]
 GeneratorBackend = Literal["replicate", "local", "auto"]
@@ -56,6 +57,17 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis through Sentinel (README: Redis failover): "host:port,host:port" and the master's
+    # name. When set they take precedence over REDIS_URL's host, for every process.
+    redis_sentinels: Annotated[list[str], NoDecode] = []
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: SecretStr | None = None
+    # For a REDIS_URL that carries no password (a managed Redis's AUTH token, say).
+    redis_password: SecretStr | None = None
+    # Money, outcome and result writes wait for this many replicas to hold them (WAIT), at
+    # most this long. Unset: 1 with Sentinel, 0 (no waiting) otherwise.
+    redis_wait_replicas: int | None = Field(default=None, ge=0, le=10)
+    redis_wait_timeout_ms: int = Field(default=1000, ge=10, le=60_000)
     environment: Environment = "development"
 
     replicate_api_token: SecretStr | None = None
@@ -123,6 +135,7 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "console"
 
     _csv = field_validator(
+        "redis_sentinels",
         "reference_gen_queues",
         "local_generator_fail_ids",
         "local_generator_flaky_ids",
@@ -130,7 +143,12 @@ class Settings(BaseSettings):
         mode="before",
     )(_split_csv)
 
-    @field_validator("replicate_api_token", "supabase_service_key")
+    @field_validator(
+        "replicate_api_token",
+        "supabase_service_key",
+        "redis_password",
+        "redis_sentinel_password",
+    )
     @classmethod
     def _refuse_placeholder_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and _is_placeholder(value.get_secret_value()):
@@ -164,6 +182,48 @@ class Settings(BaseSettings):
                 f"(schemes: {', '.join(_REDIS_SCHEMES)})"
             )
         return value.strip()
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_are_host_port(cls, value: list[str]) -> list[str]:
+        for item in value:
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"must be host:port pairs separated by commas, not {item!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _sentinel_settings_agree(self) -> Settings:
+        if self.redis_sentinels and not self.redis_sentinel_master:
+            raise ValueError("REDIS_SENTINEL_MASTER is required with REDIS_SENTINELS")
+        if self.redis_sentinel_master and not self.redis_sentinels:
+            raise ValueError("REDIS_SENTINELS is required with REDIS_SENTINEL_MASTER")
+        if self.redis_sentinels and urlsplit(self.redis_url).scheme != "redis":
+            # Untested against a TLS Sentinel deployment, so refused rather than half-working.
+            raise ValueError(
+                "REDIS_SENTINELS works with a redis:// REDIS_URL only (TLS through Sentinel is "
+                "not supported); a managed Redis is reached by its rediss:// URL alone"
+            )
+        return self
+
+    def redis_endpoint(self) -> RedisEndpoint:
+        """Where this deployment's Redis is: the URL, or the Sentinels and the master's name."""
+        return RedisEndpoint(
+            url=self.redis_url,
+            sentinels=tuple(
+                (host, int(port))
+                for host, _, port in (item.rpartition(":") for item in self.redis_sentinels)
+            ),
+            master=self.redis_sentinel_master,
+            sentinel_password=_secret(self.redis_sentinel_password),
+            password=_secret(self.redis_password),
+        )
+
+    @property
+    def wait_replicas(self) -> int:
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if self.redis_sentinels else 0
 
     def check_backends(self) -> None:
         """Raise ``ConfigurationError`` unless the backends this process will use can work.
@@ -212,8 +272,19 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Every secret in force, for log redaction."""
-        secrets = [self.replicate_api_token, self.supabase_service_key]
-        return [s.get_secret_value() for s in secrets if s is not None]
+        secrets = [
+            self.replicate_api_token,
+            self.supabase_service_key,
+            self.redis_password,
+            self.redis_sentinel_password,
+        ]
+        values = [s.get_secret_value() for s in secrets if s is not None]
+        url_password = urlsplit(self.redis_url).password
+        return [*values, url_password] if url_password else values
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 @lru_cache(maxsize=1)

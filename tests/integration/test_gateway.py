@@ -435,7 +435,9 @@ def lonely(tmp_path) -> Iterator[Lonely]:
             yield Lonely(url, broker, tmp_path / "gateway.log")
 
 
-def test_redis_down_is_a_503_and_an_open_stream_carries_on_when_it_returns(lonely) -> None:
+def test_redis_down_is_a_503_and_a_stream_carries_on_when_it_returns(lonely) -> None:
+    """Pages and metrics answer 503 at once; an open stream waits with keep-alives, and one
+    opened while Redis is away waits for it too (a browser given a 503 would stop)."""
     url = lonely.url
     job_id = str(uuid.uuid4())
     client = redis.Redis.from_url(lonely.broker.url, decode_responses=True)
@@ -453,10 +455,12 @@ def test_redis_down_is_a_503_and_an_open_stream_carries_on_when_it_returns(lonel
     lonely.broker.stop()
     comments_before = sse.comments
     assert httpx.get(f"{url}/healthz").status_code == 503
+    late = Sse()
+    late_reader = threading.Thread(target=lambda: _follow(late, f"{url}/jobs/{job_id}/events"))
+    late_reader.start()
     for path, kind in (
         ("/", "text/html"),
         (f"/jobs/{job_id}", "text/html"),
-        (f"/jobs/{job_id}/events", "application/json"),
         ("/metrics", "application/json"),
     ):
         reply = httpx.get(f"{url}{path}", timeout=10)
@@ -490,6 +494,9 @@ def test_redis_down_is_a_503_and_an_open_stream_carries_on_when_it_returns(lonel
     reader.join(timeout=20)
     assert not reader.is_alive() and sse.ended  # the same connection, to the final event
     assert [m["event_type"] for m in sse.messages] == ["stage_update", "stage_update"]
+    late_reader.join(timeout=20)
+    assert not late_reader.is_alive() and late.ended
+    assert late.events == sse.events
     assert sse.messages[-1]["data"]["result_status"] == "text_only"
     client.close()
 

@@ -245,3 +245,26 @@ def test_a_doomed_job_skips_what_has_not_started_and_waits_for_what_runs(
     (final,) = finals(redis_client, job_id)
     assert final["result_status"] == "text_only"
     assert final["total_cost"] == "0.001"  # the cost of what ran, the cancelled run included
+
+
+def test_the_last_outcome_brings_the_deadline_forward_in_case_the_chord_never_fires(
+    services, redis_client
+) -> None:
+    """A chord count lost in a Redis failover would leave a finished job waiting for its
+    deadline; the last outcome moves the deadline to a short grace instead."""
+    job_id = str(uuid.uuid4())
+    specs = [image(job_id, "scene", "a", 1, 2), image(job_id, "character", "b", 2, 2)]
+    started = encode(StageStarted(total_images=2))
+    assert services.jobs.begin(job_id, specs, deadline_s=900, started_event=started)
+    first_due = services.deadlines.due_at(job_id)
+    record(services, job_id, made("scene", "a"))
+    assert services.deadlines.due_at(job_id) == first_due  # one image still to come
+    record(services, job_id, made("character", "b"))
+    seconds, micros = redis_client.time()
+    due = services.deadlines.due_at(job_id)
+    assert due is not None
+    assert abs(due - (seconds + micros / 1e6 + c.SETTLED_JOB_GRACE_S)) < 2
+    JobFinalizer(services).finalize(job_id)
+    services.deadlines.done(job_id)
+    record(services, job_id, made("character", "b"))  # a late duplicate
+    assert services.deadlines.due_at(job_id) is None  # a finished job gets no deadline back

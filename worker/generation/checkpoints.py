@@ -15,9 +15,11 @@ One hash per job (``JobKeys.predictions``): ``{image_key}#{attempt}:intent`` →
 from __future__ import annotations
 
 import redis
+from redis.client import Pipeline
 
 from worker import constants as c
 from worker.generation import PredictionCheckpoint
+from worker.replication import Replication
 from worker.scripts import register
 
 _CANCELLED = "#cancelled"
@@ -26,9 +28,16 @@ _CANCELLED = "#cancelled"
 class RedisPredictionCheckpoints:
     """Takes a ready-made Redis client (``decode_responses=True``)."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int = c.JOB_STATE_TTL_S) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        ttl_s: int = c.JOB_STATE_TTL_S,
+        replication: Replication | None = None,
+    ) -> None:
         self._redis = client
         self._ttl = ttl_s
+        # An intent lost in a failover would let a retry pay for a second prediction.
+        self._replication = replication or Replication(client)
         self._save_intent = register(client, "checkpoint_intent")
 
     def load(self, job_id: str) -> list[PredictionCheckpoint]:
@@ -60,8 +69,13 @@ class RedisPredictionCheckpoints:
         return sorted(checkpoints, key=lambda cp: (cp.image_key, cp.attempt))
 
     def save_intent(self, job_id: str, image_key: str, attempt: int) -> PredictionCheckpoint | None:
-        at = self._save_intent(
-            keys=[c.JobKeys(job_id).predictions], args=[f"{image_key}#{attempt}", self._ttl]
+        (at,) = self._replication.write(
+            "prediction_intent",
+            lambda pipe: self._save_intent(
+                keys=[c.JobKeys(job_id).predictions],
+                args=[f"{image_key}#{attempt}", self._ttl],
+                client=pipe,
+            ),
         )
         if not at:
             return None
@@ -71,10 +85,12 @@ class RedisPredictionCheckpoints:
         self, job_id: str, image_key: str, attempt: int, prediction_id: str
     ) -> None:
         key = c.JobKeys(job_id).predictions
-        pipe = self._redis.pipeline()
-        pipe.hset(key, f"{image_key}#{attempt}:id", prediction_id)
-        pipe.expire(key, self._ttl)
-        pipe.execute()
+
+        def save(pipe: Pipeline) -> None:
+            pipe.hset(key, f"{image_key}#{attempt}:id", prediction_id)
+            pipe.expire(key, self._ttl)
+
+        self._replication.write("prediction_id", save)
 
     def mark_cancelled(self, job_id: str) -> None:
         key = c.JobKeys(job_id).predictions

@@ -1,15 +1,16 @@
 -- Record an image's final outcome unless one is recorded already, update the job's counts,
 -- tell whether the partial-success rule can still be met, and announce it, in one step.
 -- KEYS[1] the job's outcomes hash, KEYS[2] the job's counts hash, KEYS[3] the job's meta hash,
--- KEYS[4] the job's event stream
+-- KEYS[4] the job's event stream, KEYS[5] the deadlines sorted set
 -- ARGV[1] image key, ARGV[2] outcome (JSON), ARGV[3] '1' if made, ARGV[4] image type
--- ('scene' | 'character'), ARGV[5] TTL (s), ARGV[6] the job's channel, ARGV[7..] events to
--- announce; their "completed_images" and "progress" are filled in here, so counts reach
+-- ('scene' | 'character'), ARGV[5] TTL (s), ARGV[6] the job's channel, ARGV[7] job id,
+-- ARGV[8] seconds the chord has to finalize a job whose every image has an outcome,
+-- ARGV[9..] events to announce; their "completed_images" and "progress" are filled in here, so counts reach
 -- subscribers in the order outcomes landed.
 -- Returns {1, outcome, doomed_now} when recorded, {0, outcome on record, 0} otherwise;
 -- doomed_now is the reason ('scenes' | 'characters' | 'half') when this outcome is the one that
 -- made the job unable to pass, else 0.
-local images, counts, meta, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local images, counts, meta, stream, deadlines = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local image, outcome, ok, kind, ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4],
   tonumber(ARGV[5]), ARGV[6]
 if redis.call('HSETNX', images, image, outcome) == 0 then
@@ -43,7 +44,14 @@ if ok ~= '1' and total and scenes and characters and succeeded < total then
   end
 end
 
-for i = 7, #ARGV do
+-- The last outcome: the chord's callback finalizes the job now. Should it never come (its
+-- count lost in a Redis failover, its message lost), the job's deadline, brought forward here,
+-- finalizes it instead. XX: a job already finalized has no deadline left to move.
+if total and finished >= total then
+  redis.call('ZADD', deadlines, 'XX', 'LT', server_now() + tonumber(ARGV[8]), ARGV[7])
+end
+
+for i = 9, #ARGV do
   local event = cjson.decode(ARGV[i])
   if event.data.completed_images ~= nil then event.data.completed_images = succeeded end
   if event.data.progress ~= nil then
