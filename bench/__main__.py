@@ -13,6 +13,7 @@ from bench import (
     recovery,
     redis_memory,
     replicate,
+    replication,
     soak,
     throughput,
 )
@@ -29,6 +30,7 @@ def main() -> None:
         cost,
         redis_memory,
         recovery,
+        replication,
     ):
         print(f"=== {module.__name__}", flush=True)
         module.main()

@@ -138,10 +138,9 @@ def run(request: RunRequest, settings: Settings) -> int:
             print(f"  {detail}", file=sys.stderr)
         return ex.INVALID
     job_id = str(plan["job_id"])
-    where = settings.redis_endpoint().describe()
-    client = settings.redis_endpoint().client(
-        decode_responses=True, socket_connect_timeout=3, socket_timeout=10
-    )
+    endpoint = settings.redis_endpoint()
+    where = endpoint.describe()
+    client = endpoint.client(decode_responses=True, socket_connect_timeout=3, socket_timeout=10)
     try:
         client.ping()
     except redis.RedisError as exc:

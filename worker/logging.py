@@ -48,6 +48,21 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class WithoutTraceback(logging.Filter):
+    """Keeps a record's one-line message and drops its traceback: for a library's lines about
+    an expected condition (Celery's "Failed operation _store_result. Retrying 29 more times."
+    while Redis restarts or fails over)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self._prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(self._prefix):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def renderer(settings: Settings) -> structlog.typing.Processor:
     """How a line is written: JSON for log shippers, key=value for people."""
     if settings.log_format == "json":
@@ -72,6 +87,9 @@ def configure_logging(settings: Settings) -> None:
     )
     # httpx logs every request at INFO: a line per Replicate poll and upload is noise.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    retries = logging.getLogger("celery.backends.base")
+    if not any(isinstance(f, WithoutTraceback) for f in retries.filters):
+        retries.addFilter(WithoutTraceback("Failed operation"))
     install_redaction(settings)
 
 

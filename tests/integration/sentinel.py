@@ -19,6 +19,8 @@ MASTER = "refgen"
 # a slow network; the steps that follow are the same).
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 5000
+# More than loopback's socket buffers hold, well under a replica's output-buffer limit (64 MB).
+_FILLER_MB = 32
 
 
 class SentinelCluster:
@@ -99,6 +101,22 @@ class SentinelCluster:
     def pause(self, port: int) -> None:
         self._servers[port].send_signal(signal.SIGSTOP)
 
+    def hold_back_replica(self) -> int:
+        """Make the replica fall behind: paused, with the primary's link to it clogged, so the
+        next writes stay on the primary alone. Pausing is not enough on one machine: the
+        kernel's socket buffers (megabytes) would carry the writes to the paused replica, to be
+        read when it resumes. So the primary first sends it more than those buffers hold.
+        The replica's port, for ``resume``."""
+        primary = self.node(self.primary())
+        replica = next(p for p in (self.primary_port, self.replica_port) if p != self.primary())
+        self.pause(replica)
+        filler = "x" * (1 << 20)
+        pipe = primary.pipeline(transaction=False)
+        for i in range(_FILLER_MB):
+            pipe.set(f"filler:{i}", filler)
+        pipe.execute()
+        return replica
+
     def resume(self, port: int) -> None:
         self._servers[port].send_signal(signal.SIGCONT)
 
@@ -120,14 +138,9 @@ class SentinelCluster:
         )
 
     def sentinel_client(self) -> redis.Redis:
+        """A client of the first Sentinel that answers."""
         for port in self.sentinel_ports:
-            client = redis.Redis(
-                port=port,
-                password=self.sentinel_password,
-                decode_responses=True,
-                socket_timeout=2,
-                socket_connect_timeout=1,
-            )
+            client = self._sentinel_at(port)
             try:
                 client.ping()
                 return client
@@ -136,6 +149,15 @@ class SentinelCluster:
         raise RuntimeError("no Sentinel answers")
 
     # --- internals ------------------------------------------------------------------------
+
+    def _sentinel_at(self, port: int) -> redis.Redis:
+        return redis.Redis(
+            port=port,
+            password=self.sentinel_password,
+            decode_responses=True,
+            socket_timeout=2,
+            socket_connect_timeout=1,
+        )
 
     def _server(self, port: int, *extra: str) -> None:
         args = [
@@ -185,13 +207,7 @@ class SentinelCluster:
 
     def _sentinels_agree(self) -> bool:
         for port in self.sentinel_ports:
-            client = redis.Redis(
-                port=port,
-                password=self.sentinel_password,
-                decode_responses=True,
-                socket_timeout=1,
-            )
-            state = client.sentinel_master(MASTER)
+            state = self._sentinel_at(port).sentinel_master(MASTER)
             if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < 1:
                 return False
         return True

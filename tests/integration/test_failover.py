@@ -9,7 +9,12 @@ SSE stream must carry on to the final event.
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -36,6 +41,7 @@ from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 PRICE = c.DEFAULT_HARDWARE_PRICE_PER_S
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "r8_" + secrets.token_hex(16)
 
 
@@ -46,6 +52,7 @@ class Stack:
     client: Celery
     gateway: str
     worker: WorkerProcess
+    standby: Callable[[], WorkerProcess]
 
     def send(self, plan: dict[str, Any]) -> None:
         self.client.send_task(
@@ -88,7 +95,7 @@ def hold_at() -> str | None:
 def stack(tmp_path: Path, hold_at: str | None) -> Iterator[Stack]:
     with (
         SentinelCluster(password="pw-" + secrets.token_hex(8)) as cluster,
-        FakeReplicate(api_token=TOKEN, duration_range=(2.0, 3.0), seed=3) as replicate,
+        FakeReplicate(api_token=TOKEN, duration_range=(1.5, 2.5), seed=3) as replicate,
     ):
         # REDIS_URL names a server that is not there: Sentinel must win over it.
         env = base_worker_env("redis://127.0.0.1:1/0", tmp_path / "storage")
@@ -100,18 +107,28 @@ def stack(tmp_path: Path, hold_at: str | None) -> Iterator[Stack]:
             STORAGE_BACKEND="local",
             LEASE_TTL_S="4",
             # Long enough for a test to kill the primary while a write waits for its replica.
-            REDIS_WAIT_TIMEOUT_MS="5000",
+            REDIS_WAIT_TIMEOUT_MS="3000",
         )
         if hold_at is not None:
             env.update(REFGEN_HOLD_AT=hold_at, REFGEN_HOLD_FILE=str(tmp_path / "held"))
         client = bare_client(cluster.celery_url, sentinel_master=MASTER)
-        worker = WorkerProcess(env, tmp_path / "worker.log", "failover").start(client)
+        workers = [WorkerProcess(env, tmp_path / "worker.log", "failover").start(client)]
+
+        def standby() -> WorkerProcess:
+            workers.append(WorkerProcess(env, tmp_path / "standby.log", "standby").start(client))
+            return workers[-1]
+
         try:
             with running_gateway(env, tmp_path / "gateway.log", free_port()) as gateway:
-                yield Stack(cluster, replicate, client, gateway, worker)
+                yield Stack(cluster, replicate, client, gateway, workers[0], standby)
         finally:
-            worker.stop()
-    logs = (tmp_path / "worker.log").read_text() + (tmp_path / "gateway.log").read_text()
+            for worker in workers:
+                worker.stop()
+    logs = "".join(
+        (tmp_path / name).read_text()
+        for name in ("worker.log", "standby.log", "gateway.log")
+        if (tmp_path / name).exists()
+    )
     assert "Traceback" not in logs, logs[-4000:]
     assert cluster.password not in logs  # type: ignore[operator]
 
@@ -140,19 +157,37 @@ def assert_paid_once_and_complete(stack: Stack, plan: dict[str, Any], result: An
     assert Decimal(result["total_cost"]) == billed(stack.replicate)
 
 
-def test_a_job_survives_its_primary_killed_with_predictions_in_flight(stack, load_plan) -> None:
+def test_a_job_survives_its_primary_killed_with_predictions_in_flight(
+    stack, load_plan, tmp_path
+) -> None:
+    """Sent and followed by ``refgen run`` through Sentinel, watched by a browser's stream."""
     plan = load_plan("typical_2x2")
-    stack.send(plan)
-    sse = stack.watch(plan["job_id"])
+    job_id = plan["job_id"]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
+    env.update(stack.cluster.env(), REDIS_URL="redis://127.0.0.1:1/0")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "tasks.cli", "run", str(tmp_path / "plan.json")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    sse = stack.watch(job_id)
     wait_for(lambda: len(stack.replicate.creates) >= 2, 30, "predictions in flight")
     old = stack.cluster.kill_primary()
     stack.cluster.wait_for_failover(old)
 
-    result = stack.result(plan["job_id"])
+    printed, said = run.communicate(timeout=150)
+    assert run.returncode == 0, said
+    result = stack.result(job_id)
+    assert json.loads(printed) == result
     assert_paid_once_and_complete(stack, plan, result)
     final = sse().messages[-1]
     assert final["event_type"] == "stage_update" and final["data"]["status"] == "completed"
     assert Decimal(final["data"]["total_cost"]) == Decimal(result["total_cost"])
+    assert stack.cluster.password not in printed + said  # type: ignore[operator]
 
 
 def _charged(cluster: SentinelCluster, port: int, job_id: str) -> bool:
@@ -181,7 +216,7 @@ WORST_MOMENTS = {
 def test_a_write_the_replica_never_got_is_not_lost_with_the_primary(
     stack, load_plan, tmp_path, hold_at, landed
 ) -> None:
-    """The worst moments: the worker is held just before the write, the replica is paused,
+    """The worst moments: the worker is held just before the write, the replica falls behind,
     so the write lands on the primary alone, and the primary dies at once. The write waits
     for a replica (WAIT) on the same connection, so it is never taken as done; it is written
     again on the new primary."""
@@ -192,9 +227,8 @@ def test_a_write_the_replica_never_got_is_not_lost_with_the_primary(
     held = tmp_path / "held"
     wait_for(held.exists, 60, f"the worker to reach {hold_at}")
     primary = stack.cluster.primary()
-    replica = stack.cluster.replica_port
     assert primary == stack.cluster.primary_port
-    stack.cluster.pause(replica)
+    replica = stack.cluster.hold_back_replica()
     try:
         held.unlink()
         wait_for(lambda: landed(stack.cluster, primary, job_id), 60, landed.__name__)
@@ -233,3 +267,51 @@ def test_a_command_in_flight_at_the_failover_is_answered_by_the_new_primary() ->
         cluster.node(new).rpush("handover", "here")
         waiter.join(timeout=60)
         assert answers == [("handover", "here")]
+
+
+@pytest.mark.parametrize("hold_at", ["image.after_reservation"])
+def test_a_prediction_intent_outlives_the_primary_lost_with_its_worker(
+    stack, load_plan, tmp_path, hold_at
+) -> None:
+    """One machine lost with the Redis primary and a worker on it, right after the worker
+    wrote an image's prediction intent. The intent is what tells the next delivery that a
+    create may have left: lost, the image would be paid for twice. The worker does not send
+    the create until a replica holds the intent, so the next delivery finds it, or finds no
+    create to worry about."""
+    plan = load_plan("typical_2x2")
+    job_id = plan["job_id"]
+    predictions = c.JobKeys(job_id).predictions
+    stack.send(plan)
+    held = tmp_path / "held"
+    wait_for(held.exists, 60, f"the worker to reach {hold_at}")
+    # The other three images go on to their creates; the held one is the fourth.
+    wait_for(lambda: len(stack.replicate.creates) >= 3, 30, "the other images' creates")
+    primary = stack.cluster.primary_port
+    intents_before = {
+        f for f in stack.cluster.node(primary).hkeys(predictions) if f.endswith(":intent")
+    }
+    creates_before = len(stack.replicate.creates)
+    replica = stack.cluster.hold_back_replica()
+    try:
+        held.unlink()
+        wait_for(
+            lambda: any(
+                f.endswith(":intent") and f not in intents_before
+                for f in stack.cluster.node(primary).hkeys(predictions)
+            ),
+            30,
+            "the held image's intent on the primary",
+        )
+        # Time for a create sent at once to reach the provider, as it would without the wait.
+        time.sleep(0.5)
+        assert stack.worker.process is not None
+        os.killpg(stack.worker.process.pid, signal.SIGKILL)
+        stack.cluster.kill_primary()
+    finally:
+        stack.cluster.resume(replica)
+    assert len(stack.replicate.creates) == creates_before  # the create waited for the replica
+    stack.cluster.wait_for_failover(primary)
+    stack.standby()
+
+    result = stack.result(job_id, timeout_s=150)
+    assert_paid_once_and_complete(stack, plan, result)
