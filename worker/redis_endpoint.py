@@ -16,7 +16,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -29,7 +29,14 @@ _CERT_REQS = {
     "optional": ssl.CERT_OPTIONAL,
     "required": ssl.CERT_REQUIRED,
 }
-_TLS_QUERY = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile")
+_TLS_QUERY = (
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_cert_reqs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_check_hostname",
+)
 
 
 class FollowingConnection(SentinelManagedConnection):
@@ -156,6 +163,12 @@ class RedisEndpoint:
         reqs = options["ssl_cert_reqs"]
         if isinstance(reqs, str):
             options["ssl_cert_reqs"] = _CERT_REQS.get(reqs.lower(), ssl.CERT_REQUIRED)
+        if "ssl_check_hostname" in options:
+            options["ssl_check_hostname"] = options["ssl_check_hostname"].lower() in (
+                "1",
+                "true",
+                "yes",
+            )
         return options
 
     # -----------------------------------------------------------------------------------------
@@ -178,8 +191,8 @@ class RedisEndpoint:
         parts = urlsplit(self.url)
         options: dict[str, Any] = {"db": self.db}
         if parts.username:
-            options["username"] = parts.username
-        password = parts.password or self.password
+            options["username"] = unquote(parts.username)
+        password = _url_password(self.url) or self.password
         if password:
             options["password"] = password
         return options
@@ -193,13 +206,21 @@ class RedisEndpoint:
 
     def _userinfo(self) -> str:
         parts = urlsplit(self.url)
-        password = parts.password or self.password
+        password = _url_password(self.url) or self.password
         if not password and not parts.username:
             return ""
-        user = quote(parts.username or "", safe="")
+        user = quote(unquote(parts.username or ""), safe="")
         return f"{user}:{quote(password or '', safe='')}@"
 
 
 def _hostport(parts: Any) -> str:
     host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
     return f"{host}:{parts.port}" if parts.port else host
+
+
+def _url_password(url: str) -> str | None:
+    """The password in a URL, decoded (``p%40ss`` is ``p@ss``)."""
+    password = urlsplit(url).password
+    return unquote(password) if password else None

@@ -7,7 +7,7 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -52,8 +52,14 @@ def _split_csv(value: object) -> object:
 
 class Settings(BaseSettings):
     # An empty variable counts as unset: Compose and CI templates often pass ``X=`` through.
+    # hide_input_in_errors: a validation error would otherwise print every setting, secrets
+    # included, wherever a process shows the exception (celery's own start-up, say).
     model_config = SettingsConfigDict(
-        env_file=None, extra="ignore", frozen=True, env_ignore_empty=True
+        env_file=None,
+        extra="ignore",
+        frozen=True,
+        env_ignore_empty=True,
+        hide_input_in_errors=True,
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -67,7 +73,8 @@ class Settings(BaseSettings):
     # Money, outcome and result writes wait for this many replicas to hold them (WAIT), at
     # most this long. Unset: 1 with Sentinel, 0 (no waiting) otherwise.
     redis_wait_replicas: int | None = Field(default=None, ge=0, le=10)
-    redis_wait_timeout_ms: int = Field(default=1000, ge=10, le=60_000)
+    # Under the clients' 30 s socket timeout, so a WAIT never outlasts its own read.
+    redis_wait_timeout_ms: int = Field(default=1000, ge=10, le=20_000)
     environment: Environment = "development"
 
     replicate_api_token: SecretStr | None = None
@@ -188,7 +195,7 @@ class Settings(BaseSettings):
     def _sentinels_are_host_port(cls, value: list[str]) -> list[str]:
         for item in value:
             host, _, port = item.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"must be host:port pairs separated by commas, not {item!r}")
         return value
 
@@ -211,7 +218,7 @@ class Settings(BaseSettings):
         return RedisEndpoint(
             url=self.redis_url,
             sentinels=tuple(
-                (host, int(port))
+                (host.strip("[]"), int(port))  # [::1]:26379 is IPv6
                 for host, _, port in (item.rpartition(":") for item in self.redis_sentinels)
             ),
             master=self.redis_sentinel_master,
@@ -280,7 +287,9 @@ class Settings(BaseSettings):
         ]
         values = [s.get_secret_value() for s in secrets if s is not None]
         url_password = urlsplit(self.redis_url).password
-        return [*values, url_password] if url_password else values
+        if not url_password:
+            return values
+        return [*values, url_password, unquote(url_password)]
 
 
 def _secret(value: SecretStr | None) -> str | None:

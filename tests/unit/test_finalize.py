@@ -264,7 +264,12 @@ def test_the_last_outcome_brings_the_deadline_forward_in_case_the_chord_never_fi
     due = services.deadlines.due_at(job_id)
     assert due is not None
     assert abs(due - (seconds + micros / 1e6 + c.SETTLED_JOB_GRACE_S)) < 2
-    JobFinalizer(services).finalize(job_id)
-    services.deadlines.done(job_id)
-    record(services, job_id, made("character", "b"))  # a late duplicate
-    assert services.deadlines.due_at(job_id) is None  # a finished job gets no deadline back
+    # A finished job's deadline is gone; a last outcome recorded after that (a deadline
+    # finalize that marked images failed, then a late delivery) does not bring it back.
+    other = str(uuid.uuid4())
+    specs = [image(other, "scene", "a", 1, 2), image(other, "character", "b", 2, 2)]
+    assert services.jobs.begin(other, specs, deadline_s=900, started_event=started)
+    record(services, other, made("scene", "a"))
+    services.deadlines.done(other)
+    record(services, other, made("character", "b"))
+    assert services.deadlines.due_at(other) is None

@@ -143,3 +143,32 @@ def test_descriptions_for_logs_carry_no_password(monkeypatch: pytest.MonkeyPatch
     described = sentinel_settings(monkeypatch, REDIS_PASSWORD="x-secret").redis_endpoint()
     assert "secret" not in described.describe()
     assert "refgen" in described.describe() and "10.0.0.2:26380" in described.describe()
+
+
+def test_percent_encoded_credentials_are_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = sentinel_settings(monkeypatch, REDIS_URL="redis://app%40ops:p%40ss%2Fw@x:6379/0")
+    endpoint = settings.redis_endpoint()
+    pool = endpoint.client().connection_pool
+    assert pool.connection_kwargs["username"] == "app@ops"
+    assert pool.connection_kwargs["password"] == "p@ss/w"
+    assert endpoint.celery_config()["broker_url"].startswith("sentinel://app%40ops:p%40ss%2Fw@")
+    assert {"p%40ss%2Fw", "p@ss/w"} <= set(settings.secret_values())
+
+
+def test_ipv6_hosts_keep_their_brackets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://[::1]:6379/0")
+    monkeypatch.setenv("REDIS_PASSWORD", "node-secret")
+    assert Settings().redis_endpoint().celery_config()["broker_url"] == (
+        "redis://:node-secret@[::1]:6379/0"
+    )
+    monkeypatch.delenv("REDIS_URL")
+    settings = sentinel_settings(monkeypatch, REDIS_SENTINELS="[::1]:26379,10.0.0.2:26379")
+    assert settings.redis_endpoint().sentinels[0] == ("::1", 26379)
+
+
+def test_a_settings_error_does_not_print_the_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_PASSWORD", "node-secret-value")
+    monkeypatch.setenv("REDIS_SENTINELS", "10.0.0.1:26379")
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    assert "node-secret-value" not in str(raised.value)

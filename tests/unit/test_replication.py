@@ -50,16 +50,20 @@ def test_a_replica_that_does_not_acknowledge_is_logged_once_and_the_write_stands
     assert len(warnings) == 1 and warnings[0]["write"] == "charge"
 
 
-def test_a_script_missing_from_the_servers_cache_is_loaded_and_run(redis_client) -> None:
+def test_a_script_missing_when_the_pipeline_runs_is_loaded_and_sent_again(redis_client) -> None:
+    """A pipeline re-sent to a just-promoted replica finds its scripts missing, although it
+    checked them on the old primary: here the cache is flushed inside the first pipeline."""
     script = register(redis_client, "note_job")
-    redis_client.script_flush()  # as on a replica just promoted
-    replication = Replication(redis_client)
-    assert replication.write(
-        "job_index",
-        lambda p: script(
-            keys=["idx", "sums"], args=["job-1", "{}", "started_at", 10, 60], client=p
-        ),
-    ) == [1]
+    builds: list[int] = []
+
+    def build(pipe: Any) -> None:
+        if not builds:
+            pipe.script_flush()  # after execute() checked the script, before it runs
+        builds.append(1)
+        script(keys=["idx", "sums"], args=["job-1", "{}", "started_at", 10, 60], client=pipe)
+
+    replies = Replication(redis_client).write("job_index", build)
+    assert len(builds) == 2 and replies == [1]
     assert redis_client.zscore("idx", "job-1") is not None
 
 

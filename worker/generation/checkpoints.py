@@ -94,7 +94,10 @@ class RedisPredictionCheckpoints:
 
     def mark_cancelled(self, job_id: str) -> None:
         key = c.JobKeys(job_id).predictions
-        pipe = self._redis.pipeline()
-        pipe.hset(key, _CANCELLED, "1")
-        pipe.expire(key, self._ttl)
-        pipe.execute()
+
+        def cancel(pipe: Pipeline) -> None:
+            pipe.hset(key, _CANCELLED, "1")
+            pipe.expire(key, self._ttl)
+
+        # Lost in a failover, it would let a later delivery pay for a cancelled job's image.
+        self._replication.write("predictions_cancelled", cancel)
