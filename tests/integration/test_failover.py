@@ -32,6 +32,7 @@ from celery import Celery
 from tasks.harness import WorkerProcess, bare_client, base_worker_env
 from tasks.localredis import free_port
 from tests.fakes.replicate_server import FakeReplicate
+from tests.integration.campaign import wait_for
 from tests.integration.gatewaykit import Sse, running_gateway, wait_known
 from tests.integration.sentinel import MASTER, SentinelCluster
 from worker import constants as c
@@ -131,13 +132,6 @@ def stack(tmp_path: Path, hold_at: str | None) -> Iterator[Stack]:
     )
     assert "Traceback" not in logs, logs[-4000:]
     assert cluster.password not in logs  # type: ignore[operator]
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def billed(replicate: FakeReplicate) -> Decimal:
