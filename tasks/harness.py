@@ -176,6 +176,21 @@ def base_worker_env(redis_url: str, storage_dir: Path) -> dict[str, str]:
     return env
 
 
+def replicate_worker_env(
+    redis_url: str, storage_dir: Path, replicate_url: str, token: str
+) -> dict[str, str]:
+    """A test worker on the Replicate path, against a Replicate-like server at
+    ``replicate_url``, storing images locally."""
+    env = base_worker_env(redis_url, storage_dir)
+    env.update(
+        REPLICATE_API_TOKEN=token,
+        REPLICATE_BASE_URL=replicate_url,
+        GENERATOR_BACKEND="replicate",
+        STORAGE_BACKEND="local",
+    )
+    return env
+
+
 class JobFeeder:
     """Keeps ``in_flight`` jobs of one plan queued, each under a fresh job id, and reads their
     results straight from the result keys: a poll, never a subscription, so the feeder leaves

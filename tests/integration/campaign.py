@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from tasks.harness import JobRunner, WorkerProcess, base_worker_env
+from tasks.harness import JobRunner, WorkerProcess, replicate_worker_env
 from tasks.localredis import RedisServer
 from tests.fakes.replicate_server import FakeReplicate
 from worker import constants as c
@@ -104,12 +104,10 @@ class Cluster:
         self.fake.default_plan = type(self.fake.default_plan)(
             duration=PREDICTION_S, predict_time=PREDICTION_S
         )
-        self.env = base_worker_env(self.broker.url, tmp / "storage")
+        self.env = replicate_worker_env(
+            self.broker.url, tmp / "storage", self.fake.url, self.fake.api_token or ""
+        )
         self.env.update(
-            GENERATOR_BACKEND="replicate",
-            STORAGE_BACKEND="local",
-            REPLICATE_API_TOKEN=self.fake.api_token or "",
-            REPLICATE_BASE_URL=self.fake.url,
             LEASE_TTL_S=str(LEASE_TTL_S),
             JOB_DEADLINE_S="240",
             IMAGE_TIMEOUT_S="30",

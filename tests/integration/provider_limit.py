@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.harness import JobRun, JobRunner, WorkerProcess, base_worker_env
+from tasks.harness import JobRun, JobRunner, WorkerProcess, replicate_worker_env
 from tasks.localredis import RedisServer
 from tests.fakes.replicate_server import FakeReplicate, PredictionPlan
 
@@ -50,12 +50,8 @@ def run_at_the_limit(tmp: Path) -> AtTheLimit:
                 requests_per_minute=REQUESTS_PER_MINUTE,
             ) as replicate,
         ):
-            env = base_worker_env(broker.url, tmp / "storage")
+            env = replicate_worker_env(broker.url, tmp / "storage", replicate.url, token)
             env.update(
-                REPLICATE_API_TOKEN=token,
-                REPLICATE_BASE_URL=replicate.url,
-                GENERATOR_BACKEND="replicate",
-                STORAGE_BACKEND="local",
                 REPLICATE_CREATES_PER_MINUTE=str(CREATES_PER_MINUTE),
                 REPLICATE_REQUESTS_PER_MINUTE=str(REQUESTS_PER_MINUTE),
                 REFERENCE_GEN_CONCURRENCY="4",

@@ -29,7 +29,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tasks.harness import WorkerProcess, bare_client, base_worker_env
+from tasks.harness import WorkerProcess, bare_client, replicate_worker_env
 from tasks.localredis import free_port
 from tests.fakes.replicate_server import FakeReplicate
 from tests.integration.campaign import wait_for
@@ -99,13 +99,11 @@ def stack(tmp_path: Path, hold_at: str | None) -> Iterator[Stack]:
         FakeReplicate(api_token=TOKEN, duration_range=(1.5, 2.5), seed=3) as replicate,
     ):
         # REDIS_URL names a server that is not there: Sentinel must win over it.
-        env = base_worker_env("redis://127.0.0.1:1/0", tmp_path / "storage")
+        env = replicate_worker_env(
+            "redis://127.0.0.1:1/0", tmp_path / "storage", replicate.url, TOKEN
+        )
         env.update(
             cluster.env(),
-            REPLICATE_API_TOKEN=TOKEN,
-            REPLICATE_BASE_URL=replicate.url,
-            GENERATOR_BACKEND="replicate",
-            STORAGE_BACKEND="local",
             LEASE_TTL_S="4",
             # Long enough for a test to kill the primary while a write waits for its replica.
             REDIS_WAIT_TIMEOUT_MS="3000",

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tasks.harness import JobRun, JobRunner, WorkerProcess, base_worker_env
+from tasks.harness import JobRun, JobRunner, WorkerProcess, replicate_worker_env
 from tasks.localredis import RedisServer
 from tests.fakes.replicate_server import CreateCall, FakeReplicate, PredictionPlan
 from worker import constants as c
@@ -57,14 +57,8 @@ def start_worker(
     started: list[WorkerProcess] = []
 
     def start(replicate: FakeReplicate, name: str = "w", **env: str) -> WorkerProcess:
-        environment = base_worker_env(broker.url, tmp_path / "storage")
-        environment.update(
-            REPLICATE_API_TOKEN=token,
-            REPLICATE_BASE_URL=replicate.url,
-            GENERATOR_BACKEND="replicate",
-            STORAGE_BACKEND="local",
-            **env,
-        )
+        environment = replicate_worker_env(broker.url, tmp_path / "storage", replicate.url, token)
+        environment.update(env)
         worker = WorkerProcess(environment, tmp_path / f"{name}.log", name)
         started.append(worker.start(runner.client))
         return worker
