@@ -62,11 +62,6 @@ class Replication:
         for attempt in range(_NOSCRIPT_ATTEMPTS):
             pipe = self._redis.pipeline(transaction=False)
             build(pipe)
-            if attempt == 0:
-                # EVALSHA alone first: redis-py would otherwise ask SCRIPT EXISTS before every
-                # pipeline, a round trip per write. A script the server lacks (a new server, a
-                # replica just promoted) is loaded by the next attempt.
-                pipe.scripts.clear()
             if wanted:
                 pipe.wait(wanted, self.timeout_ms)
             replies = pipe.execute(raise_on_error=False)
@@ -74,7 +69,7 @@ class Replication:
             failed = [reply for reply in writes if isinstance(reply, Exception)]
             missing_script = any(isinstance(e, NoScriptError) for e in failed)
             if missing_script and attempt + 1 < _NOSCRIPT_ATTEMPTS:
-                continue  # this time execute() loads the missing scripts before it sends
+                continue  # execute() loads missing scripts before it sends; send again
             if failed:
                 raise failed[0]
             if isinstance(waited, ResponseError):
