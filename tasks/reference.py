@@ -9,9 +9,11 @@ from celery import chord, group, states
 from pydantic import ValidationError
 
 from tasks.app import app, services
+from tasks.backend import ImageNotMade
 from tasks.recovery import abandoned_as_ignored, finalize_and_store, hand_to_retry
 from worker import constants as c
 from worker.crashpoints import crash_point
+from worker.errors import RetryableError
 from worker.fairness import image_priority
 from worker.lifecycle import Duplicate, JobFinalizer, JobIntake, Launch
 from worker.models import ImageOutcome, ImageSpec
@@ -83,6 +85,8 @@ def priority(level: int) -> dict[str, int]:
     # A backstop for the prefork pool only; the image deadline itself is enforced in code.
     soft_time_limit=300,
     time_limit=330,
+    # A failed image is an outcome: logged in one line, without a traceback.
+    throws=(ImageNotMade,),
 )
 def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
     image = ImageSpec.model_validate(spec)
@@ -101,6 +105,8 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
                 countdown=step.delay_s,
                 max_retries=c.GENERATION_MAX_ATTEMPTS - 1,
                 throw=False,
+                # Flower shows the task as RETRY with this as its exception: the reason.
+                exc=RetryableError(step.reason),
                 **top,
             )
             crash_point("image.after_retry_sent")
@@ -111,7 +117,12 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:
             # The chord's finalize still ends the job; this only ends it sooner.
             log.error("doomed_finalize_failed", job_id=image.job_id, error=type(exc).__name__)
-    return step.outcome.model_dump(mode="json")
+    outcome = step.outcome.model_dump(mode="json")
+    if not step.outcome.ok:
+        # Raised, so that the task is a FAILURE with its reason where operators look (Flower);
+        # the chord still hands the outcome to finalize (tasks/backend.py).
+        raise ImageNotMade(step.outcome.reason or "The image could not be made", outcome)
+    return outcome
 
 
 @app.task(name=c.TASK_FINALIZE, bind=True)
