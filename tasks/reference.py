@@ -1,4 +1,4 @@
-"""The canvas: ``start`` → chord(``generate_reference`` × N) → ``finalize``."""
+"""The canvas: ``start`` → chord(``generate_reference`` × N) → ``finalize``; and ``cancel``."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from tasks.app import app, services
 from tasks.backend import ImageNotMade
 from tasks.recovery import abandoned_as_ignored, finalize_and_store, hand_to_retry
 from worker import constants as c
+from worker.cancel import JobCanceller
 from worker.crashpoints import crash_point
 from worker.errors import RetryableError
 from worker.fairness import image_priority
-from worker.lifecycle import Duplicate, JobFinalizer, JobIntake, Launch
+from worker.lifecycle import Cancelled, Duplicate, JobFinalizer, JobIntake, Launch
 from worker.models import ImageOutcome, ImageSpec
 from worker.pipeline import ImagePipeline, RetryIn
 from worker.planning import JobPlan
@@ -50,6 +51,9 @@ def start(
             return {"job_id": job.job_id, "status": "queued", "total_images": len(job.images)}
     if isinstance(admission, Duplicate):
         return {"job_id": job_id, "status": "duplicate", "claimed_by": admission.claimed_by}
+    if isinstance(admission, Cancelled):
+        self.backend.store_result(admission.job_id, None, states.SUCCESS)
+        return {"job_id": admission.job_id, "status": "cancelled"}
     if admission.job_id is not None:
         # The text-only answer, readable by job id like any other result.
         self.backend.store_result(admission.job_id, None, states.SUCCESS)
@@ -136,6 +140,19 @@ def finalize(self: Any, results: list[Any], job_id: str) -> Any:
             log.error("finalize_unreadable_result", job_id=job_id, result=repr(result)[:200])
     with abandoned_as_ignored(self):
         return JobFinalizer(services()).finalize(job_id, outcomes)
+
+
+@app.task(name=c.TASK_CANCEL, bind=True)
+def cancel(
+    self: Any, job_id: object = None, reason: object = None, **unexpected: object
+) -> dict[str, Any]:
+    """Cancel a job (worker/cancel.py); the answer is this task's result."""
+    if unexpected:
+        log.warning("cancel_unexpected_kwargs", names=sorted(unexpected)[:10])
+    with abandoned_as_ignored(self):
+        canceller = JobCanceller(services(), finalize=finalize_and_store)
+        answer = canceller.cancel(job_id, reason, request_id=self.request.id or "")
+    return answer.as_json()
 
 
 @app.task(name=c.TASK_PURGE, ignore_result=True)

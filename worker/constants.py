@@ -12,6 +12,7 @@ TASK_START: Final = f"{STAGE}.start"
 TASK_GENERATE: Final = f"{STAGE}.generate_reference"
 TASK_FINALIZE: Final = f"{STAGE}.finalize"
 TASK_PURGE: Final = f"{STAGE}.purge_expired"
+TASK_CANCEL: Final = f"{STAGE}.cancel"
 DEFAULT_QUEUE: Final = STAGE
 
 # Message priorities on the Redis broker (worker/fairness.py): 0 is served first, and kombu's
@@ -28,6 +29,8 @@ EVENT_IMAGE_COMPLETE: Final = "reference_generation_complete"
 EVENT_IMAGE_FAILED: Final = "reference_generation_failed"
 EVENT_PROGRESS: Final = "progress"
 EVENT_ERROR: Final = "error"
+# A stage_update with one of these statuses is a job's last word (SPEC §7).
+FINAL_STAGE_STATUSES: Final = ("completed", "failed", "cancelled")
 
 # Image generation (SPEC §4).
 SDXL_VERSION: Final = (
@@ -166,3 +169,7 @@ SETTLED_JOB_GRACE_S: Final = 30.0
 
 # How long a job's bookkeeping outlives it: long enough to read the result by job id.
 JOB_STATE_TTL_S: Final = 7 * 24 * 3600
+
+# A job cancelled before any start claimed it is claimed by its cancel: "cancel:<request id>"
+# (worker/cancel.py), so that a start arriving later knows why it may not run.
+CANCEL_CLAIM_PREFIX: Final = "cancel:"
