@@ -20,6 +20,11 @@ DEFAULT_QUEUE: Final = STAGE
 PRIORITY_TOP: Final = 0
 PRIORITY_LOWEST: Final = 9
 PRIORITY_LEVELS: Final = tuple(range(PRIORITY_TOP, PRIORITY_LOWEST + 1))
+# kombu's Redis transport, as the backlog gauges read it without importing kombu (a test holds
+# these to kombu's): level N > 0 of a queue is the list "<queue>\x06\x16<N>" (level 0 is the
+# queue's own name); messages taken and not yet acknowledged are in the hash "unacked".
+KOMBU_PRIORITY_SEP: Final = "\x06\x16"
+KOMBU_UNACKED: Final = "unacked"
 
 # Event types relayed by the SSE gateway (SPEC §7).
 EVENT_STAGE_UPDATE: Final = "stage_update"
@@ -169,6 +174,10 @@ SETTLED_JOB_GRACE_S: Final = 30.0
 
 # How long a job's bookkeeping outlives it: long enough to read the result by job id.
 JOB_STATE_TTL_S: Final = 7 * 24 * 3600
+
+# The header our processes stamp on every message they publish (tasks/app.py): its send time,
+# unix seconds on the sender's clock, which Celery's messages do not carry (worker/backlog.py).
+SENT_AT_HEADER: Final = "refgen_sent_at"
 
 # A job cancelled before any start claimed it is claimed by its cancel: "cancel:<request id>"
 # (worker/cancel.py), so that a start arriving later knows why it may not run.
