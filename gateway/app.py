@@ -46,6 +46,7 @@ from worker import constants as c
 from worker.backlog import BacklogCollector
 from worker.job_index import JobSummary
 from worker.metrics import JobMetricsCollector
+from worker.presence import WorkerPresenceCollector
 from worker.redis_endpoint import RedisEndpoint
 from worker.settings import Settings
 from worker.storage.local import LocalImageStore
@@ -89,11 +90,13 @@ def metrics_client(endpoint: RedisEndpoint) -> redis.Redis:
 
 
 def metrics_registry(settings: Settings, client: redis.Redis) -> CollectorRegistry:
-    """What ``/metrics`` serves: the jobs' figures and the broker's backlog, read from Redis at
-    each scrape (``worker/metrics.py``, ``worker/backlog.py``)."""
+    """What ``/metrics`` serves: the jobs' figures, the broker's backlog and the workers'
+    heartbeats, read from Redis at each scrape (``worker/metrics.py``, ``worker/backlog.py``,
+    ``worker/presence.py``)."""
     registry = CollectorRegistry()
     registry.register(JobMetricsCollector(client))
     registry.register(BacklogCollector(client, settings.reference_gen_queues))
+    registry.register(WorkerPresenceCollector(client))
     return registry
 
 

@@ -24,7 +24,7 @@ from worker.logging import configure_logging
 from worker.services import Services
 from worker.settings import get_settings
 
-app = Celery("reference_generator", include=["tasks.reference", "tasks.retire"])
+app = Celery("reference_generator", include=["tasks.reference", "tasks.retire", "tasks.presence"])
 app.config_from_object("celeryconfig")
 
 log = structlog.get_logger(__name__)

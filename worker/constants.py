@@ -125,6 +125,7 @@ LEASE_RECORDS: Final = "refgen:lease-records"  # hash: task id → "<token> <mes
 DEADLINES: Final = "refgen:deadlines"  # sorted set: job id → due time (server clock)
 RETENTION_INDEX: Final = "refgen:retention"  # sorted set: job id → when its objects go
 METRICS: Final = "refgen:metrics"  # hash: the cluster's job counters
+WORKERS_SEEN: Final = "refgen:workers"  # sorted set: worker name → last heartbeat (server clock)
 
 
 class JobKeys:

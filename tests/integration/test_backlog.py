@@ -123,3 +123,40 @@ def test_the_gauges_are_what_was_sent_minus_what_finished(
         if worker.process is not None and worker.alive:
             os.killpg(worker.process.pid, signal.SIGKILL)  # its images would hold it for minutes
             worker.process.wait()
+
+
+def heartbeats(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        sample.labels["worker"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "refgen_worker_heartbeat_age_seconds"
+        for sample in family.samples
+    }
+
+
+def test_a_worker_that_dies_goes_silent_and_one_that_stops_is_gone(
+    broker, env, gateway, tmp_path: Path
+) -> None:
+    env = {**env, "LEASE_TTL_S": "2"}  # a beat every 0.5 s
+    runner = JobRunner(broker.url)
+    alive = WorkerProcess(env, tmp_path / "alive.log", "alive").start(runner.client)
+    killed = WorkerProcess(env, tmp_path / "killed.log", "killed").start(runner.client)
+    try:
+        wait_for(
+            lambda: {alive.hostname, killed.hostname} <= set(heartbeats(gateway)),
+            30,
+            "both workers beating",
+        )
+        assert killed.process is not None
+        os.killpg(killed.process.pid, signal.SIGKILL)
+        killed.process.wait()
+        wait_for(lambda: heartbeats(gateway)[killed.hostname] > 3, 30, "the dead one silent")
+        ages = heartbeats(gateway)
+        assert ages[alive.hostname] < ages[killed.hostname]
+
+        alive.stop()  # a clean stop: it says goodbye
+        assert alive.hostname not in heartbeats(gateway)
+        assert killed.hostname in heartbeats(gateway)
+    finally:
+        alive.stop()
