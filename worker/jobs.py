@@ -36,7 +36,6 @@ class JobMeta:
     images: list[ImageSpec]
     launched: bool
     doomed: DoomReason | None
-    cancel_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +151,6 @@ class JobStore:
             images=[ImageSpec.model_validate(i) for i in json.loads(raw.get("images", "[]"))],
             launched=raw.get("launched") == "1",
             doomed=_doom(raw.get("doomed")),
-            cancel_reason=_text(raw.get("cancel_reason")),
         )
 
     def doomed(self, job_id: str) -> DoomReason | None:
