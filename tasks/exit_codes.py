@@ -10,6 +10,7 @@ INVALID: Final = 2
 BROKER: Final = 3
 TIMEOUT: Final = 4
 CONFIGURATION: Final = 5
+WORKER_FAILED: Final = 6
 INTERRUPTED: Final = 130
 
 MEANINGS: Final = (
@@ -19,6 +20,7 @@ MEANINGS: Final = (
     (BROKER, "Redis cannot be reached, or was lost for longer than BROKER_GRACE_S"),
     (TIMEOUT, "no result within --timeout (the job may still finish)"),
     (CONFIGURATION, "a setting in the environment is wrong (e.g. a malformed REDIS_URL)"),
+    (WORKER_FAILED, "the worker failed the job's start (a fault, not a refusal): reason on stderr"),
     (INTERRUPTED, "interrupted (Ctrl-C); the job stays queued or running"),
 )
 
