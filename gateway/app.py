@@ -19,7 +19,6 @@ carries on.
 from __future__ import annotations
 
 import re
-from importlib import resources
 
 import redis
 import redis.asyncio as aioredis
@@ -40,7 +39,7 @@ from starlette.routing import Route
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from gateway.access import AccessLog
-from gateway.pages import escape, index_page, unavailable_page
+from gateway.pages import escape, index_page, load_templates, template, unavailable_page
 from gateway.stream import JobEventStream, is_stream_id, stream_client
 from worker import constants as c
 from worker.backlog import BacklogCollector
@@ -188,8 +187,7 @@ class Gateway:
         if not await self._known(job_id):
             return HTMLResponse(f"<h1>Unknown job</h1><p>{escape(job_id)}</p>", status_code=404)
         expired = await self._events_expired(job_id)
-        html = resources.files("gateway").joinpath("job.html").read_text("utf-8")
-        html = html.replace("{{EVENTS_EXPIRED}}", "true" if expired else "false")
+        html = template("job.html").replace("{{EVENTS_EXPIRED}}", "true" if expired else "false")
         return HTMLResponse(html.replace("{{JOB_ID}}", escape(job_id)))
 
     async def file(self, request: Request) -> Response:
@@ -254,7 +252,9 @@ def create_app(
     streams: aioredis.Redis | None = None,
     sync_client: redis.Redis | None = None,
 ) -> Starlette:
-    """The gateway's ASGI app; its Redis clients are built here unless handed in."""
+    """The gateway's ASGI app; its Redis clients are built here unless handed in. Raises
+    ``InstallationError`` when a page it serves is missing from the installation."""
+    load_templates()
     gateway = Gateway(
         settings,
         client or request_client(settings.redis_endpoint()),

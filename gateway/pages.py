@@ -1,14 +1,22 @@
-"""The gateway's server-rendered pages: the index of recent jobs and the 503 page."""
+"""The gateway's server-rendered pages: the index of recent jobs and the 503 page.
+
+The page templates are package data, read once when the app is built (``load_templates``): a
+gateway whose installation lacks one refuses to start rather than answer 500 to every viewer.
+"""
 
 from __future__ import annotations
 
 import html
 import time
 from datetime import UTC, datetime
+from functools import cache
 from importlib import resources
 
 from worker import constants as c
+from worker.errors import InstallationError
 from worker.job_index import JobSummary
+
+TEMPLATES = ("index.html", "job.html")
 
 _LABELS = {
     "running": "running",
@@ -31,12 +39,26 @@ def index_page(jobs: list[JobSummary], now: float | None = None) -> str:
         '<tr><td colspan="6" class="empty" data-testid="no-jobs">No jobs in the last '
         f"{c.JOB_INDEX_TTL_S // 3600} hours.</td></tr>"
     )
-    template = resources.files("gateway").joinpath("index.html").read_text("utf-8")
     return (
-        template.replace("{{ROWS}}", rows)
+        template("index.html")
+        .replace("{{ROWS}}", rows)
         .replace("{{MAX}}", str(c.JOB_INDEX_MAX_ENTRIES))
         .replace("{{HOURS}}", str(c.JOB_INDEX_TTL_S // 3600))
     )
+
+
+@cache
+def template(name: str) -> str:
+    """The text of one of ``TEMPLATES``. Raises ``InstallationError`` when it is missing."""
+    try:
+        return resources.files("gateway").joinpath(name).read_text("utf-8")
+    except OSError as exc:
+        raise InstallationError(f"gateway/{name}", exc) from None
+
+
+def load_templates() -> None:
+    for name in TEMPLATES:
+        template(name)
 
 
 def _row(job: JobSummary, now: float) -> str:

@@ -19,10 +19,11 @@ from celery.signals import (
 
 from tasks import exit_codes
 from worker import constants as c
+from worker import scripts
 from worker.errors import ConfigurationError, RefgenError
 from worker.logging import configure_logging
 from worker.services import Services
-from worker.settings import get_settings
+from worker.settings import Settings, get_settings
 
 app = Celery("reference_generator", include=["tasks.reference", "tasks.retire", "tasks.presence"])
 app.config_from_object("celeryconfig")
@@ -59,13 +60,21 @@ def _build_in_child(**_: Any) -> None:
     services()
 
 
+def check_worker_can_run(settings: Settings) -> None:
+    """What a worker needs before it takes a task: the settings of the backends it will use,
+    and every Lua script (package data that a broken build leaves out: every job would fail).
+    Raises ``ConfigurationError``."""
+    settings.check_backends()
+    scripts.load_all()
+
+
 @worker_init.connect
 def _build_in_worker(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     try:
         # However the worker was started (`refgen worker` checks first, `celery -A tasks.app
-        # worker` does not), it takes no task without the backends' settings.
-        settings.check_backends()
+        # worker` does not), it takes no task it could not run.
+        check_worker_can_run(settings)
     except ConfigurationError as exc:
         log.error("worker_refused_to_start", reason=exc.reason)
         raise SystemExit(exit_codes.CONFIGURATION) from None

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from tasks import exit_codes as ex
 from worker import constants as c
-from worker.errors import ConfigurationError
+from worker.errors import ConfigurationError, InstallationError
 
 
 def _job_id(value: str) -> str:
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"refgen: configuration error: {_one_line(exc)}", file=sys.stderr)
         return ex.CONFIGURATION
+    except InstallationError as exc:
+        print(f"refgen: broken installation: {exc.reason}", file=sys.stderr)
+        return ex.CONFIGURATION
     except ConfigurationError as exc:
         print(f"refgen: configuration error: {exc.reason}", file=sys.stderr)
         return ex.CONFIGURATION
@@ -154,8 +157,9 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
     if args.command == "worker":
         # The one process that uses the generator and the store checks their settings here,
         # before it takes a task; the others never need the credentials.
-        settings.check_backends()
-        from tasks.app import app
+        from tasks.app import app, check_worker_can_run
+
+        check_worker_can_run(settings)
 
         argv = [
             "worker",

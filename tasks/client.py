@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.sentinel import MasterNotFoundError
 
 from tasks import exit_codes as ex
 from tasks.progress import ProgressView, summary
@@ -144,7 +145,7 @@ def run(request: RunRequest, settings: Settings) -> int:
     try:
         client.ping()
     except redis.RedisError as exc:
-        print(f"refgen: cannot reach Redis at {where}: {exc}", file=sys.stderr)
+        print(f"refgen: cannot reach Redis at {where}: {_why(exc)}", file=sys.stderr)
         return ex.BROKER
 
     # Celery is imported only once the plan is good: a bad file fails fast.
@@ -154,6 +155,7 @@ def run(request: RunRequest, settings: Settings) -> int:
     # it has its own, bounded, grace period.
     app.conf.result_backend_max_retries = 2
     view = ProgressView()
+    start_id: str | None = None
     try:
         result = app.AsyncResult(job_id)
         history = JobHistory.read(client, job_id)
@@ -167,8 +169,12 @@ def run(request: RunRequest, settings: Settings) -> int:
                 # A refusal's null answer gives way to this run's.
                 result.forget()
             cursor = history.last_id or "0-0"
+            # Its own task id, never the job id: a start that fails on the worker stores its
+            # failure there (tasks/reference.py), and this command watches for it.
+            start_id = str(uuid.uuid4())
             app.send_task(
                 c.TASK_START,
+                task_id=start_id,
                 kwargs={
                     "job_id": job_id,
                     "plan": plan,
@@ -184,6 +190,7 @@ def run(request: RunRequest, settings: Settings) -> int:
             timeout_s=request.timeout_s,
             settings=settings,
             client=client,
+            start_id=start_id,
         )
     except KeyboardInterrupt:
         view.close()
@@ -213,16 +220,19 @@ def follow(
     timeout_s: float,
     settings: Settings,
     client: redis.Redis,
+    start_id: str | None = None,
     no_worker_after_s: float = NO_WORKER_AFTER_S,
 ) -> int:
     """Show the job's events until its final one, then print its result.
 
     The result is also polled: should events be lost (a Redis restart without persistence),
     the result still ends the wait — but only after every event already published is read,
-    so that a refusal's reason is always shown."""
+    so that a refusal's reason is always shown. So is the ``start`` this command sent (by
+    ``start_id``), until it has run: a start that failed on the worker ends the wait."""
     from celery.exceptions import TimeoutError as ResultTimeout
 
     result = app.AsyncResult(job_id)
+    sent = app.AsyncResult(start_id) if start_id is not None else None
     started = time.monotonic()
     deadline = started + timeout_s
     next_poll = 0.0
@@ -238,6 +248,8 @@ def follow(
                     for message in events.drain():
                         view.handle(message)
                     return _print_result(result.get(timeout=_RESULT_WAIT_S), view)
+                if sent is not None and not view.started and sent.failed():
+                    return _start_failed(job_id, sent.result, view)
             if view.finished:
                 return _print_result(result.get(timeout=_RESULT_WAIT_S), view)
             if not warned and not view.started and now - started >= no_worker_after_s:
@@ -256,16 +268,41 @@ def follow(
     return ex.TIMEOUT
 
 
+def _start_failed(job_id: str, error: object, view: ProgressView) -> int:
+    view.close()
+    reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
+    print(
+        f"refgen: the worker failed to start job {job_id}: {reason}. Nothing was generated; "
+        "the worker's log has the details",
+        file=sys.stderr,
+    )
+    return ex.WORKER_FAILED
+
+
 def _no_worker_message(app: Any, job_id: str, waited_s: float, settings: Settings) -> str:
+    queue = str(app.conf.task_default_queue)
     try:
-        workers = len(app.control.ping(timeout=1.0) or [])
+        # Who consumes the job's queue, not who answers: beat and Flower answer pings too.
+        answers = app.control.inspect(timeout=1.0).active_queues() or {}
     except Exception:  # a broker hiccup must not end the wait; the loop handles Redis
-        workers = 0
+        answers = {}
+    consumers = sum(
+        1
+        for queues in answers.values()
+        if any(isinstance(q, dict) and q.get("name") == queue for q in queues or [])
+    )
     where = settings.redis_endpoint().describe()
-    if workers:
+    if consumers:
         return (
-            f"refgen: no worker has taken job {job_id} after {waited_s:.0f} s; {workers} "
-            f"worker(s) answer on {where}, busy with other work; still waiting"
+            f"refgen: no worker has taken job {job_id} after {waited_s:.0f} s; {consumers} "
+            f"worker(s) consume its queue {queue!r} on {where}, busy with other work; still "
+            "waiting"
+        )
+    if answers:
+        return (
+            f"refgen: no worker has taken job {job_id} after {waited_s:.0f} s; "
+            f"{len(answers)} worker(s) answer on {where} but none consumes the queue "
+            f"{queue!r} (REFERENCE_GEN_QUEUES); still waiting"
         )
     return (
         f"refgen: no worker has taken job {job_id} after {waited_s:.0f} s and none answers on "
@@ -316,6 +353,16 @@ def _wait_for_redis(client: redis.Redis, where: str, grace_s: float) -> bool:
         file=sys.stderr,
     )
     return False
+
+
+def _why(error: redis.RedisError) -> str:
+    if isinstance(error, MasterNotFoundError):
+        # Its text lists every Sentinel connection's repr: pages of it.
+        return (
+            "no Sentinel gave the primary's address (MasterNotFoundError): check "
+            "REDIS_SENTINEL_MASTER, and REDIS_SENTINEL_PASSWORD if the Sentinels have one"
+        )
+    return f"{type(error).__name__}: {str(error)[:300]}"
 
 
 def _print_result(result: Any, view: ProgressView) -> int:

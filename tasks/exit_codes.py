@@ -10,7 +10,8 @@ INVALID: Final = 2
 BROKER: Final = 3
 TIMEOUT: Final = 4
 CONFIGURATION: Final = 5
-CANCELLED: Final = 6
+WORKER_FAILED: Final = 6
+CANCELLED: Final = 7
 INTERRUPTED: Final = 130
 # refgen cancel: the job had ended before the cancel, which changed nothing.
 ALREADY_ENDED: Final = 1
@@ -22,6 +23,7 @@ MEANINGS: Final = (
     (BROKER, "Redis cannot be reached, or was lost for longer than BROKER_GRACE_S"),
     (TIMEOUT, "no result within --timeout (the job may still finish)"),
     (CONFIGURATION, "a setting in the environment is wrong (e.g. a malformed REDIS_URL)"),
+    (WORKER_FAILED, "the worker failed the job's start (a fault, not a refusal): reason on stderr"),
     (CANCELLED, "the job was cancelled (refgen cancel): its result is null"),
     (INTERRUPTED, "interrupted (Ctrl-C); the job stays queued or running"),
 )

@@ -3,6 +3,7 @@ checks and the benchmarks share. Nothing here is used by a production worker."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,10 +23,13 @@ class JobTimeout(AssertionError):
     """A job did not end in time (an AssertionError, so tests report it as a failure)."""
 
 
-def bare_client(redis_url: str, *, sentinel_master: str | None = None) -> Celery:
+def bare_client(
+    redis_url: str, *, sentinel_master: str | None = None, sentinel_password: str | None = None
+) -> Celery:
     """What an upstream stage has: the broker's address and task names, nothing else. With
     ``sentinel_master``, ``redis_url`` lists the Sentinels
-    (``sentinel://host:port;sentinel://host:port``), as in the README's upstream contract."""
+    (``sentinel://host:port;sentinel://host:port``), as in the README's upstream contract,
+    and ``sentinel_password`` is the Sentinels' own."""
     app = Celery("upstream", broker=redis_url, backend=redis_url)
     app.conf.update(
         task_serializer="json",
@@ -34,8 +38,11 @@ def bare_client(redis_url: str, *, sentinel_master: str | None = None) -> Celery
         broker_connection_retry_on_startup=True,
     )
     if sentinel_master is not None:
-        app.conf.broker_transport_options = {"master_name": sentinel_master}
-        app.conf.result_backend_transport_options = {"master_name": sentinel_master}
+        options: dict[str, Any] = {"master_name": sentinel_master}
+        if sentinel_password is not None:
+            options["sentinel_kwargs"] = {"password": sentinel_password}
+        app.conf.broker_transport_options = options
+        app.conf.result_backend_transport_options = options
         # The first read after a failover can find the Sentinels' connections stale.
         app.conf.result_backend_always_retry = True
     return app
@@ -45,17 +52,36 @@ class WorkerProcess:
     """A ``refgen worker`` in its own process group, so a test can kill the whole worker."""
 
     def __init__(
-        self, env: dict[str, str], log_path: Path, name: str, module: str = "tasks.cli"
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        name: str,
+        module: str = "tasks.cli",
+        *,
+        command: list[str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.env, self.log_path, self.module = env, log_path, module
+        # Another installation's `refgen` (an installed wheel's, run from outside the tree).
+        self.command = command or [sys.executable, "-m", module]
+        self.cwd = cwd
         self.hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, client: Celery, timeout_s: float = 60) -> WorkerProcess:
+        """Until the worker answers a ping; when it never does, it is stopped, not left."""
+        try:
+            return self._start(client, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, client: Celery, timeout_s: float) -> WorkerProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", self.module, "worker", "--hostname", self.hostname],
+                [*self.command, "worker", "--hostname", self.hostname],
                 env=self.env,
+                cwd=self.cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -88,15 +114,15 @@ class WorkerProcess:
 
 def stop_process_group(process: subprocess.Popen[Any], timeout_s: float = 20) -> None:
     """SIGTERM a process started with ``start_new_session=True`` and everything it started;
-    SIGKILL what is still there after ``timeout_s``."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+    SIGKILL what is still there after ``timeout_s`` (or once the leader is gone: a pool
+    process it left behind)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout_s)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    process.wait()
 
 
 @dataclass
@@ -172,6 +198,17 @@ def base_worker_env(redis_url: str, storage_dir: Path) -> dict[str, str]:
         LOCAL_STORAGE_DIR=str(storage_dir),
         LOG_FORMAT="json",
         REFERENCE_GEN_CONCURRENCY="4",
+    )
+    return env
+
+
+def local_worker_env(redis_url: str, storage_dir: Path, latency_s: float = 0.2) -> dict[str, str]:
+    """A test worker on the local generator and store, ``latency_s`` an image."""
+    env = base_worker_env(redis_url, storage_dir)
+    env.update(
+        GENERATOR_BACKEND="local",
+        STORAGE_BACKEND="local",
+        LOCAL_GENERATOR_LATENCY_S=f"{latency_s:g}",
     )
     return env
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import structlog
 from celery import chord, group, states
+from celery.exceptions import CeleryError
 from pydantic import ValidationError
 
 from tasks.app import app, services
@@ -14,12 +15,14 @@ from tasks.recovery import abandoned_as_ignored, finalize_and_store, hand_to_ret
 from worker import constants as c
 from worker.cancel import JobCanceller
 from worker.crashpoints import crash_point
-from worker.errors import RetryableError
+from worker.errors import JobStartFailed, RetryableError
 from worker.fairness import image_priority
 from worker.lifecycle import Cancelled, Duplicate, JobFinalizer, JobIntake, Launch
+from worker.logging import Redactor
 from worker.models import ImageOutcome, ImageSpec
 from worker.pipeline import ImagePipeline, RetryIn
 from worker.planning import JobPlan
+from worker.settings import get_settings
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +39,32 @@ def start(
 ) -> dict[str, Any]:
     if unexpected:
         log.warning("start_unexpected_kwargs", names=sorted(unexpected)[:10])
+    try:
+        return _start(self, job_id, plan, duration_seconds)
+    except CeleryError:
+        raise  # Ignore, Retry, Reject: Celery's own ways for a delivery to end
+    except Exception as exc:
+        report_failed_start(self, job_id, exc)
+        raise
+
+
+def report_failed_start(task: Any, job_id: object, error: Exception) -> None:
+    """A ``start`` that failed on the worker (a fault, not a refusal) says so under its own
+    task id, for the sender to read (``refgen run`` does): ``JobStartFailed`` with the error's
+    type and message, secrets redacted, no traceback. Never under the job id, which holds the
+    job's result alone."""
+    task_id = task.request.id
+    if not task_id or task_id == job_id:
+        return
+    try:
+        # The settings, not services(): building those may be what failed.
+        reason = Redactor(get_settings().secret_values())(f"{type(error).__name__}: {error}")
+        task.backend.mark_as_failure(task_id, JobStartFailed(reason[:500]), traceback=None)
+    except Exception as exc:  # the original failure is what matters; Celery logs it
+        log.error("start_failure_not_stored", task_id=task_id, error=type(exc).__name__)
+
+
+def _start(self: Any, job_id: object, plan: object, duration_seconds: object) -> dict[str, Any]:
     with abandoned_as_ignored(self):
         intake = JobIntake(services())
         admission = intake.admit(job_id, plan, duration_seconds, task_id=self.request.id or "")

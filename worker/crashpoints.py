@@ -3,12 +3,14 @@
 For tests only. ``REFGEN_CRASH_AT=<point>`` makes the process SIGKILL its whole process group
 when it reaches that point: the way a worker dies at an arbitrary instruction, landed exactly
 where state is half-written. ``REFGEN_FAIL_AT=<point>`` raises a broker ``ConnectionError``
-there instead. With ``REFGEN_CRASH_FUSE=<file>`` the switch fires once across every process that
-shares the file (the first to create it), so a standby worker with the same environment carries
-on. ``REFGEN_HOLD_AT=<point>`` with ``REFGEN_HOLD_FILE=<file>`` stops the first process to
-reach the point there: it creates the file and waits until the test removes it (at most two
-minutes), so a test can fail something else (a Redis primary) at that exact instant. The
-variables are read once, at import; unset, every call is one comparison with ``None``.
+there instead, and ``REFGEN_BUG_AT=<point>`` a ``RuntimeError``: an unexpected fault (a bug),
+not a condition the worker expects and rides out. With ``REFGEN_CRASH_FUSE=<file>`` the switch
+fires once across every process that shares the file (the first to create it), so a standby
+worker with the same environment carries on. ``REFGEN_HOLD_AT=<point>`` with
+``REFGEN_HOLD_FILE=<file>`` stops the first process to reach the point there: it creates the
+file and waits until the test removes it (at most two minutes), so a test can fail something
+else (a Redis primary) at that exact instant. The variables are read once, at import; unset,
+every call is one comparison with ``None``.
 
 The points, in the order a job meets them, are listed in ``POINTS`` (README: Reliability).
 """
@@ -42,6 +44,7 @@ POINTS = (
 
 _CRASH_AT = os.environ.get("REFGEN_CRASH_AT") or None
 _FAIL_AT = os.environ.get("REFGEN_FAIL_AT") or None
+_BUG_AT = os.environ.get("REFGEN_BUG_AT") or None
 _FUSE = os.environ.get("REFGEN_CRASH_FUSE") or None
 _HOLD_AT = os.environ.get("REFGEN_HOLD_AT") or None
 _HOLD_FILE = os.environ.get("REFGEN_HOLD_FILE") or None
@@ -53,6 +56,8 @@ def crash_point(name: str) -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
     if _HOLD_AT is not None and name == _HOLD_AT and _HOLD_FILE is not None:
         _hold(_HOLD_FILE)
+    if _BUG_AT is not None and name == _BUG_AT and _light_fuse():
+        raise RuntimeError(f"injected fault at {name} (REFGEN_BUG_AT)")
 
 
 def fail_point(name: str) -> None:

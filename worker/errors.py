@@ -96,3 +96,21 @@ class DeliveryAbandoned(Exception):
 
 class ConfigurationError(PermanentError):
     """Settings that cannot work: missing credentials in production, placeholder secrets."""
+
+
+class InstallationError(ConfigurationError):
+    """The installed package lacks a file it reads at run time (a Lua script, a page): a
+    packaging fault that no retry or setting mends, found when the process starts."""
+
+    def __init__(self, path: str, cause: OSError) -> None:
+        why = "is missing" if isinstance(cause, FileNotFoundError) else "cannot be read"
+        super().__init__(
+            f"the installed refgen package is incomplete: {path} {why}; reinstall it from a "
+            "wheel or image built from a clean checkout"
+        )
+        self.path = path
+
+
+class JobStartFailed(RefgenError):
+    """A job's ``start`` failed on the worker with an error that is not a refusal (a fault):
+    stored under that ``start``'s task id, never the job id, for its sender to report."""

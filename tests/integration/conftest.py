@@ -17,6 +17,7 @@ from tests.integration import crash_scenarios
 from tests.integration.background import Background, asked_for
 from tests.integration.campaign import Report, run_scenario
 from tests.integration.provider_limit import AtTheLimit, run_at_the_limit
+from tests.integration.wheel import Installed, build_and_install
 
 # Image ids the shared worker treats specially (LOCAL_GENERATOR_* knobs).
 DOOMED = ("doomed_alley", "doomed_pier")  # fail every attempt, retryably
@@ -95,6 +96,13 @@ def provider_limit(
     return background.submit(partial(run_at_the_limit, tmp_path_factory.mktemp("limit")))
 
 
+@pytest.fixture(scope="session")
+def installed_wheel(
+    background: Background, tmp_path_factory: pytest.TempPathFactory
+) -> Future[Installed]:
+    return background.submit(partial(build_and_install, tmp_path_factory.mktemp("wheel")))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _slow_scenarios_start_first(request: pytest.FixtureRequest) -> None:
     modules = {getattr(item, "module", None) for item in request.session.items}
@@ -103,3 +111,5 @@ def _slow_scenarios_start_first(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("campaign")
     if "tests.integration.test_replicate_load" in names:
         request.getfixturevalue("provider_limit")
+    if "tests.integration.test_wheel" in names:
+        request.getfixturevalue("installed_wheel")

@@ -65,14 +65,22 @@ class Sse:
 
 
 @contextlib.contextmanager
-def running_gateway(env: dict[str, str], log_path: Path, port: int) -> Iterator[str]:
-    """``refgen gateway`` on ``port``, ready (``/healthz`` answers), stopped afterwards."""
+def running_gateway(
+    env: dict[str, str],
+    log_path: Path,
+    port: int,
+    *,
+    refgen: list[str] | None = None,
+    cwd: Path = ROOT,
+) -> Iterator[str]:
+    """``refgen gateway`` on ``port``, ready (``/healthz`` answers), stopped afterwards;
+    ``refgen`` is another installation's command (an installed wheel's)."""
     url = f"http://127.0.0.1:{port}"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tasks.cli", "gateway", "--port", str(port)],
+            [*(refgen or [sys.executable, "-m", "tasks.cli"]), "gateway", "--port", str(port)],
             env=env,
-            cwd=ROOT,
+            cwd=cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -56,19 +56,34 @@ class SentinelCluster:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> SentinelCluster:
-        self._server(self.primary_port)
-        self._server(self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port))
-        self._wait(
-            lambda: (
-                self.node(self.replica_port).info("replication").get("master_link_status") == "up"
-            ),
-            "the replica to sync",
-        )
-        for port in self.sentinel_ports:
-            self._sentinel(port)
-        self._wait(self._sentinels_agree, "the Sentinels to know each other and the replica")
+    def start(self, timeout_s: float = 30) -> SentinelCluster:
+        """Every server and Sentinel up and agreed; when that fails, none is left running."""
+        try:
+            self._server(self.primary_port)
+            self._server(self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port))
+            self._wait(
+                lambda: (
+                    self.node(self.replica_port).info("replication").get("master_link_status")
+                    == "up"
+                ),
+                "the replica to sync",
+                timeout_s,
+            )
+            for port in self.sentinel_ports:
+                self._sentinel(port)
+            self._wait(
+                self._sentinels_agree,
+                "the Sentinels to know each other and the replica",
+                timeout_s,
+            )
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._servers.values()]
 
     def stop(self) -> None:
         for process in self._servers.values():

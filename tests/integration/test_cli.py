@@ -20,7 +20,13 @@ import redis
 
 from tasks import exit_codes
 from tasks.client import JobEvents, JobHistory, follow
-from tasks.harness import JobRunner, WorkerProcess, bare_client, base_worker_env
+from tasks.harness import (
+    JobRunner,
+    WorkerProcess,
+    bare_client,
+    base_worker_env,
+    local_worker_env,
+)
 from tasks.localredis import RedisServer, free_port
 from tasks.progress import ProgressView
 from tests.integration.conftest import DOOMED
@@ -397,3 +403,45 @@ def test_run_help_says_the_job_id_is_a_uuid_and_lists_every_exit_code(tmp_path) 
     bad = refgen("run", str(tmp_path / "plan.json"), "--job-id", "123", env=dict(os.environ))
     assert bad.returncode == 2
     assert "argument --job-id: '123' is not a UUID" in bad.stderr
+
+
+def test_run_says_when_the_workers_start_of_the_job_failed(load_plan, tmp_path) -> None:
+    """A fault on the worker (not a refusal) ends the wait with its reason, not "no worker has
+    taken the job" for ever; the failure is stored under the start's own id, never the job's."""
+    with RedisServer() as broker:
+        env = local_worker_env(broker.url, tmp_path / "store")
+        worker = WorkerProcess(
+            {**env, "REFGEN_BUG_AT": "start.after_claim"}, tmp_path / "worker.log", "faulty"
+        )
+        worker.start(bare_client(broker.url))
+        try:
+            plan = load_plan()
+            done = refgen("run", str(write(tmp_path, plan)), env=env, timeout=120)
+            stored = redis.Redis.from_url(broker.url).exists(f"celery-task-meta-{plan['job_id']}")
+        finally:
+            worker.stop()
+    assert done.returncode == exit_codes.WORKER_FAILED, done.stderr
+    assert f"the worker failed to start job {plan['job_id']}: RuntimeError: injected fault at " in (
+        done.stderr
+    )
+    assert "no worker has taken" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == "" and not stored
+
+
+def test_run_counts_only_the_workers_that_consume_the_jobs_queue(load_plan, tmp_path) -> None:
+    with RedisServer() as broker:
+        env = local_worker_env(broker.url, tmp_path / "store")
+        elsewhere = WorkerProcess(
+            {**env, "REFERENCE_GEN_QUEUES": "some_other_queue"}, tmp_path / "other.log", "other"
+        )
+        elsewhere.start(bare_client(broker.url))
+        try:
+            done = refgen(
+                "run", str(write(tmp_path, load_plan())), "--timeout", "8", env=env, timeout=60
+            )
+        finally:
+            elsewhere.stop()
+    assert done.returncode == exit_codes.TIMEOUT, done.stderr
+    [warning] = [line for line in done.stderr.splitlines() if "no worker has taken" in line]
+    assert "1 worker(s) answer on redis://127.0.0.1:" in warning
+    assert "none consumes the queue 'reference_generator'" in warning

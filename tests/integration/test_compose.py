@@ -184,8 +184,16 @@ def test_redis_keeps_an_append_only_file_on_a_volume() -> None:
 def test_services_start_once_redis_is_healthy(name: str) -> None:
     spec = service(name)
     assert spec["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert spec["build"] == "."
     assert environment(name)["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_one_image_is_built_and_every_refgen_service_runs_it() -> None:
+    """Compose builds each service that has ``build``: one builder, and the same image name
+    everywhere, or it builds and tags the same image once per service."""
+    builders = [name for name in APP_SERVICES if "build" in service(name)]
+    assert builders == ["worker"] and service("worker")["build"] == "."
+    images = {interpolate(service(name)["image"], {}) for name in APP_SERVICES}
+    assert images == {"refgen:local"}
 
 
 BACKEND_SETTINGS = {

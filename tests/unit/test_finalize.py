@@ -122,6 +122,7 @@ def test_finalize_commits_once_with_one_final_event(services, redis_client) -> N
     job_id, _ = start_job(services, [("scene", "a"), ("character", "c")])
     for outcome in (made("scene", "a"), made("character", "c")):
         record(services, job_id, outcome)
+    before = redis_client.hgetall(c.METRICS)
     results = []
     threads = [
         threading.Thread(target=lambda: results.append(JobFinalizer(services).finalize(job_id)))
@@ -137,8 +138,22 @@ def test_finalize_commits_once_with_one_final_event(services, redis_client) -> N
     late = JobFinalizer(services).finalize(job_id, cause="deadline")
     assert late == results[0]
     assert len(finals(redis_client, job_id)) == 1
-    metrics = redis_client.hgetall(c.METRICS)
-    assert int(metrics["jobs:success"]) >= 1
+    # Every counter moved once, by this job alone, however many finalizes raced.
+    after = redis_client.hgetall(c.METRICS)
+    moved = {
+        name: float(after[name]) - float(before.get(name, 0))
+        for name in after
+        if float(after[name]) != float(before.get(name, 0))
+    }
+    took = moved.pop("duration:sum", 0.0)
+    buckets = {name: moved.pop(name) for name in list(moved) if name.startswith("duration:le:")}
+    assert moved == {
+        "jobs:success": 1,
+        "images:made": 2,
+        "cost:nano": 10_000_000,
+        "duration:count": 1,
+    }
+    assert took >= 0 and set(buckets.values()) == {1}
     assert redis_client.zscore(c.RETENTION_INDEX, job_id) is not None
 
 
