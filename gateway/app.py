@@ -8,7 +8,8 @@
   ``stage_update``. A job id that cannot be one, or a ``Last-Event-ID`` that is not a stream
   id: 400. Unknown job: 404.
 - ``GET /files/{path}``: the local store's images, behind expiring signed links.
-- ``GET /metrics``: Prometheus, per job (``worker.metrics``); ``GET /healthz``.
+- ``GET /metrics``: Prometheus: per job (``worker.metrics``) and the broker's backlog
+  (``worker.backlog``); ``GET /healthz``.
 
 With Redis away, every route that needs it answers 503 with a message (a page for a browser,
 JSON otherwise) and logs one line, no traceback; an open event stream waits for Redis and
@@ -41,8 +42,10 @@ from gateway.access import AccessLog
 from gateway.pages import escape, index_page, load_templates, template, unavailable_page
 from gateway.stream import JobEventStream, is_stream_id, stream_client
 from worker import constants as c
+from worker.backlog import BacklogCollector
 from worker.job_index import JobSummary
 from worker.metrics import JobMetricsCollector
+from worker.presence import WorkerPresenceCollector
 from worker.redis_endpoint import RedisEndpoint
 from worker.settings import Settings
 from worker.storage.local import LocalImageStore
@@ -85,6 +88,17 @@ def metrics_client(endpoint: RedisEndpoint) -> redis.Redis:
     )
 
 
+def metrics_registry(settings: Settings, client: redis.Redis) -> CollectorRegistry:
+    """What ``/metrics`` serves: the jobs' figures, the broker's backlog and the workers'
+    heartbeats, read from Redis at each scrape (``worker/metrics.py``, ``worker/backlog.py``,
+    ``worker/presence.py``)."""
+    registry = CollectorRegistry()
+    registry.register(JobMetricsCollector(client))
+    registry.register(BacklogCollector(client, settings.reference_gen_queues))
+    registry.register(WorkerPresenceCollector(client))
+    return registry
+
+
 class Gateway:
     def __init__(
         self,
@@ -97,8 +111,7 @@ class Gateway:
         self._redis = client
         self._streams = streams
         self._store = LocalImageStore(settings.local_storage_dir, settings.storage_bucket)
-        self._registry = CollectorRegistry()
-        self._registry.register(JobMetricsCollector(metrics_client))
+        self._registry = metrics_registry(settings, metrics_client)
 
     async def _has_events(self, job_id: str) -> bool:
         return bool(await self._redis.exists(c.events_stream(job_id)))

@@ -25,6 +25,7 @@ _LABELS = {
     "text_only": "text-only",
     "invalid": "invalid plan",
     "refused": "refused",
+    "cancelled": "cancelled",
 }
 
 

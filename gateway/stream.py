@@ -51,9 +51,10 @@ def is_stream_id(text: str) -> bool:
 
 
 def is_final(message: dict[str, Any]) -> bool:
-    return message.get("event_type") == c.EVENT_STAGE_UPDATE and message.get("data", {}).get(
-        "status"
-    ) in ("completed", "failed")
+    return (
+        message.get("event_type") == c.EVENT_STAGE_UPDATE
+        and message.get("data", {}).get("status") in c.FINAL_STAGE_STATUSES
+    )
 
 
 def stream_client(endpoint: RedisEndpoint) -> aioredis.Redis:

@@ -5,20 +5,27 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import structlog
 from celery import Celery
-from celery.signals import after_setup_logger, worker_init, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    before_task_publish,
+    worker_init,
+    worker_process_init,
+)
 
 from tasks import exit_codes
+from worker import constants as c
 from worker import scripts
 from worker.errors import ConfigurationError, RefgenError
 from worker.logging import configure_logging
 from worker.services import Services
 from worker.settings import Settings, get_settings
 
-app = Celery("reference_generator", include=["tasks.reference", "tasks.retire"])
+app = Celery("reference_generator", include=["tasks.reference", "tasks.retire", "tasks.presence"])
 app.config_from_object("celeryconfig")
 
 log = structlog.get_logger(__name__)
@@ -74,6 +81,14 @@ def _build_in_worker(sender: Any = None, **_: Any) -> None:
     # Threads and solo pools have no child processes, so no worker_process_init.
     if settings.reference_gen_pool != "prefork":
         services()
+
+
+@before_task_publish.connect
+def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    # Celery's messages carry no send time; the backlog's "oldest waiting message" needs one
+    # (worker/backlog.py). A re-sent message (a retry, the watchdog's) waits from its re-send.
+    if headers is not None:
+        headers[c.SENT_AT_HEADER] = time.time()
 
 
 @after_setup_logger.connect

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tasks import exit_codes as ex
+from worker import constants as c
 from worker.errors import ConfigurationError, InstallationError
 
 
@@ -22,6 +24,14 @@ def _job_id(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a UUID (such as 550e8400-e29b-41d4-a716-446655440000) or 'new'"
         ) from None
+
+
+def _any_job_id(value: str) -> str:
+    if not re.fullmatch(c.ID_PATTERN, value):
+        raise argparse.ArgumentTypeError(
+            f"{value[:80]!r} is not a job id: ids are letters, digits, '-' and '_', at most 64"
+        )
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,6 +80,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--timeout", type=float, default=900.0, help="seconds to wait for the result (default 900)"
+    )
+
+    cancel = commands.add_parser(
+        "cancel",
+        help="cancel a job: stop paying for it and end it cancelled",
+        description="Send reference_generator.cancel for a job and wait for a worker's answer. "
+        "A running job stops paying at once (its predictions in flight are cancelled and their "
+        "run time charged, its queued images skipped) and ends cancelled with a null result; "
+        "a job not started yet never starts; a job that has ended is not changed. The answer "
+        "is a line on stderr and its JSON on stdout.",
+        epilog=ex.describe(ex.CANCEL_MEANINGS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cancel.add_argument("job_id", type=_any_job_id, help="the job's id")
+    cancel.add_argument(
+        "--reason", default=None, help="why, for the job's events (default: by an operator)"
+    )
+    cancel.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a worker's answer (default 60)",
     )
 
     gateway = commands.add_parser(
@@ -150,6 +182,10 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
         return run(
             RunRequest(args.plan, args.duration_seconds, args.job_id, args.timeout), settings
         )
+    if args.command == "cancel":
+        from tasks.cancel_command import cancel
+
+        return cancel(args.job_id, args.reason, args.timeout, settings)
     if args.command == "gateway":
         from gateway.server import serve
 

@@ -196,7 +196,8 @@ def run(request: RunRequest, settings: Settings) -> int:
         view.close()
         print(
             f"refgen: interrupted; job {job_id} stays queued or running (run the same "
-            "command again to follow it or to see its result)",
+            f"command again to follow it or to see its result; `refgen cancel {job_id}` "
+            "stops it)",
             file=sys.stderr,
         )
         return ex.INTERRUPTED
@@ -321,7 +322,15 @@ def _already_ran(request: RunRequest, job_id: str, history: JobHistory, result: 
         file=sys.stderr,
     )
     print(json.dumps(result, indent=2, default=_json_default))
-    return ex.RESULT if result is not None else ex.TEXT_ONLY
+    return exit_code(result, history.stage)
+
+
+def exit_code(result: Any, final: dict[str, Any] | None) -> int:
+    if result is not None:
+        return ex.RESULT
+    if final is not None and final.get("result_status") == "cancelled":
+        return ex.CANCELLED
+    return ex.TEXT_ONLY
 
 
 def _wait_for_redis(client: redis.Redis, where: str, grace_s: float) -> bool:
@@ -359,7 +368,7 @@ def _why(error: redis.RedisError) -> str:
 def _print_result(result: Any, view: ProgressView) -> int:
     view.close()
     print(json.dumps(result, indent=2, default=_json_default))
-    return ex.RESULT if result is not None else ex.TEXT_ONLY
+    return exit_code(result, view.final)
 
 
 def _json_default(value: object) -> str:

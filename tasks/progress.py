@@ -127,7 +127,7 @@ class ProgressView:
         elif event_type == c.EVENT_STAGE_UPDATE:
             if data.get("status") == "started":
                 self.started = True
-            elif data.get("status") in ("completed", "failed"):
+            elif data.get("status") in c.FINAL_STAGE_STATUSES:
                 self.final = data
         self._completed = max(self._completed, len(self._outcomes))
 
@@ -174,6 +174,11 @@ def summary(final: dict[str, Any], error: dict[str, Any] | None = None) -> str:
                 + "; nothing was generated or charged (text-only)"
             )
         return f"refused: {reason or 'see the error above'}; nothing was generated or charged"
+    if status == "cancelled":
+        return (
+            f"cancelled: {made} of {total} images made before the cancel, {spent} "
+            f"({final.get('reason') or 'no reason given'}); the result is null"
+        )
     if status == "invalid":
         return f"invalid plan: {reason or 'see the error above'}; nothing was generated or charged"
     if status == "text_only":

@@ -37,7 +37,7 @@ from worker.recovery import Heartbeat, Ticker, Watchdog
 
 log = structlog.get_logger(__name__)
 
-_OUR_TASKS = frozenset({c.TASK_START, c.TASK_GENERATE, c.TASK_FINALIZE})
+_OUR_TASKS = frozenset({c.TASK_START, c.TASK_GENERATE, c.TASK_FINALIZE, c.TASK_CANCEL})
 _lock = threading.Lock()
 _tickers: list[Ticker] = []
 _tickers_pid: int | None = None

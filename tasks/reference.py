@@ -1,4 +1,4 @@
-"""The canvas: ``start`` → chord(``generate_reference`` × N) → ``finalize``."""
+"""The canvas: ``start`` → chord(``generate_reference`` × N) → ``finalize``; and ``cancel``."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from celery.exceptions import CeleryError
 from pydantic import ValidationError
 
 from tasks.app import app, services
+from tasks.backend import ImageNotMade
 from tasks.recovery import abandoned_as_ignored, finalize_and_store, hand_to_retry
 from worker import constants as c
+from worker.cancel import JobCanceller
 from worker.crashpoints import crash_point
-from worker.errors import JobStartFailed
+from worker.errors import JobStartFailed, RetryableError
 from worker.fairness import image_priority
-from worker.lifecycle import Duplicate, JobFinalizer, JobIntake, Launch
+from worker.lifecycle import Cancelled, Duplicate, JobFinalizer, JobIntake, Launch
 from worker.logging import Redactor
 from worker.models import ImageOutcome, ImageSpec
 from worker.pipeline import ImagePipeline, RetryIn
@@ -78,6 +80,9 @@ def _start(self: Any, job_id: object, plan: object, duration_seconds: object) ->
             return {"job_id": job.job_id, "status": "queued", "total_images": len(job.images)}
     if isinstance(admission, Duplicate):
         return {"job_id": job_id, "status": "duplicate", "claimed_by": admission.claimed_by}
+    if isinstance(admission, Cancelled):
+        self.backend.store_result(admission.job_id, None, states.SUCCESS)
+        return {"job_id": admission.job_id, "status": "cancelled"}
     if admission.job_id is not None:
         # The text-only answer, readable by job id like any other result.
         self.backend.store_result(admission.job_id, None, states.SUCCESS)
@@ -113,6 +118,8 @@ def priority(level: int) -> dict[str, int]:
     # A backstop for the prefork pool only; the image deadline itself is enforced in code.
     soft_time_limit=300,
     time_limit=330,
+    # A failed image is an outcome: logged in one line, without a traceback.
+    throws=(ImageNotMade,),
 )
 def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
     image = ImageSpec.model_validate(spec)
@@ -131,6 +138,8 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
                 countdown=step.delay_s,
                 max_retries=c.GENERATION_MAX_ATTEMPTS - 1,
                 throw=False,
+                # Flower shows the task as RETRY with this as its exception: the reason.
+                exc=RetryableError(step.reason),
                 **top,
             )
             crash_point("image.after_retry_sent")
@@ -141,7 +150,12 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:
             # The chord's finalize still ends the job; this only ends it sooner.
             log.error("doomed_finalize_failed", job_id=image.job_id, error=type(exc).__name__)
-    return step.outcome.model_dump(mode="json")
+    outcome = step.outcome.model_dump(mode="json")
+    if not step.outcome.ok:
+        # Raised, so that the task is a FAILURE with its reason where operators look (Flower);
+        # the chord still hands the outcome to finalize (tasks/backend.py).
+        raise ImageNotMade(step.outcome.reason or "The image could not be made", outcome)
+    return outcome
 
 
 @app.task(name=c.TASK_FINALIZE, bind=True)
@@ -155,6 +169,19 @@ def finalize(self: Any, results: list[Any], job_id: str) -> Any:
             log.error("finalize_unreadable_result", job_id=job_id, result=repr(result)[:200])
     with abandoned_as_ignored(self):
         return JobFinalizer(services()).finalize(job_id, outcomes)
+
+
+@app.task(name=c.TASK_CANCEL, bind=True)
+def cancel(
+    self: Any, job_id: object = None, reason: object = None, **unexpected: object
+) -> dict[str, Any]:
+    """Cancel a job (worker/cancel.py); the answer is this task's result."""
+    if unexpected:
+        log.warning("cancel_unexpected_kwargs", names=sorted(unexpected)[:10])
+    with abandoned_as_ignored(self):
+        canceller = JobCanceller(services(), finalize=finalize_and_store)
+        answer = canceller.cancel(job_id, reason, request_id=self.request.id or "")
+    return answer.as_json()
 
 
 @app.task(name=c.TASK_PURGE, ignore_result=True)

@@ -12,6 +12,7 @@ TASK_START: Final = f"{STAGE}.start"
 TASK_GENERATE: Final = f"{STAGE}.generate_reference"
 TASK_FINALIZE: Final = f"{STAGE}.finalize"
 TASK_PURGE: Final = f"{STAGE}.purge_expired"
+TASK_CANCEL: Final = f"{STAGE}.cancel"
 DEFAULT_QUEUE: Final = STAGE
 
 # Message priorities on the Redis broker (worker/fairness.py): 0 is served first, and kombu's
@@ -19,6 +20,11 @@ DEFAULT_QUEUE: Final = STAGE
 PRIORITY_TOP: Final = 0
 PRIORITY_LOWEST: Final = 9
 PRIORITY_LEVELS: Final = tuple(range(PRIORITY_TOP, PRIORITY_LOWEST + 1))
+# kombu's Redis transport, as the backlog gauges read it without importing kombu (a test holds
+# these to kombu's): level N > 0 of a queue is the list "<queue>\x06\x16<N>" (level 0 is the
+# queue's own name); messages taken and not yet acknowledged are in the hash "unacked".
+KOMBU_PRIORITY_SEP: Final = "\x06\x16"
+KOMBU_UNACKED: Final = "unacked"
 
 # Event types relayed by the SSE gateway (SPEC §7).
 EVENT_STAGE_UPDATE: Final = "stage_update"
@@ -28,6 +34,8 @@ EVENT_IMAGE_COMPLETE: Final = "reference_generation_complete"
 EVENT_IMAGE_FAILED: Final = "reference_generation_failed"
 EVENT_PROGRESS: Final = "progress"
 EVENT_ERROR: Final = "error"
+# A stage_update with one of these statuses is a job's last word (SPEC §7).
+FINAL_STAGE_STATUSES: Final = ("completed", "failed", "cancelled")
 
 # Image generation (SPEC §4).
 SDXL_VERSION: Final = (
@@ -117,6 +125,7 @@ LEASE_RECORDS: Final = "refgen:lease-records"  # hash: task id → "<token> <mes
 DEADLINES: Final = "refgen:deadlines"  # sorted set: job id → due time (server clock)
 RETENTION_INDEX: Final = "refgen:retention"  # sorted set: job id → when its objects go
 METRICS: Final = "refgen:metrics"  # hash: the cluster's job counters
+WORKERS_SEEN: Final = "refgen:workers"  # sorted set: worker name → last heartbeat (server clock)
 
 
 class JobKeys:
@@ -166,3 +175,11 @@ SETTLED_JOB_GRACE_S: Final = 30.0
 
 # How long a job's bookkeeping outlives it: long enough to read the result by job id.
 JOB_STATE_TTL_S: Final = 7 * 24 * 3600
+
+# The header our processes stamp on every message they publish (tasks/app.py): its send time,
+# unix seconds on the sender's clock, which Celery's messages do not carry (worker/backlog.py).
+SENT_AT_HEADER: Final = "refgen_sent_at"
+
+# A job cancelled before any start claimed it is claimed by its cancel: "cancel:<request id>"
+# (worker/cancel.py), so that a start arriving later knows why it may not run.
+CANCEL_CLAIM_PREFIX: Final = "cancel:"

@@ -33,13 +33,22 @@ class StageStarted(_Payload):
 class StageFinished(_Payload):
     event_type: ClassVar[str] = c.EVENT_STAGE_UPDATE
     stage: str = c.STAGE
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "cancelled"]
     total_images: int
     successful_images: int
     failed_images: int
     total_cost: Money
     total_time: float
-    result_status: Literal["success", "partial", "text_only", "invalid", "refused"]
+    result_status: Literal["success", "partial", "text_only", "invalid", "refused", "cancelled"]
+
+
+class StageCancelled(StageFinished):
+    """The end of a cancelled job (worker/cancel.py): its result is null; ``reason`` is the
+    one the cancel gave."""
+
+    status: Literal["cancelled"] = "cancelled"
+    result_status: Literal["cancelled"] = "cancelled"
+    reason: str
 
 
 class ImageStarted(_Payload):
@@ -98,6 +107,7 @@ class JobError(_Payload):
 Event = (
     StageStarted
     | StageFinished
+    | StageCancelled
     | ImageStarted
     | ImageRetrying
     | ImageCompleted

@@ -19,7 +19,14 @@ from worker.models import ImageOutcome, ImageSpec
 from worker.replication import Replication
 from worker.scripts import register
 
-DoomReason = Literal["scenes", "characters", "half"]
+# Why a job stops paying: it can no longer pass the partial-success rule (every scene failed,
+# every character, or too many images), or it was cancelled (worker/cancel.py).
+DoomReason = Literal["scenes", "characters", "half", "cancelled"]
+_DOOM_REASONS = ("scenes", "characters", "half", "cancelled")
+
+
+def _doom(value: object) -> DoomReason | None:
+    return value if value in _DOOM_REASONS else None  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,10 @@ class JobStore:
 
     def begin(
         self, job_id: str, images: list[ImageSpec], *, deadline_s: float, started_event: str
-    ) -> bool:
+    ) -> bool | None:
         """Record the job's plan, schedule its deadline and announce it started, once.
-        False when a previous delivery already did."""
+        False when a previous delivery already did; None, with nothing written, when the job
+        was cancelled before it began."""
         keys = c.JobKeys(job_id)
         scenes = sum(1 for i in images if i.image_type == "scene")
         planned = json.dumps([i.model_dump(mode="json") for i in images])
@@ -128,7 +136,7 @@ class JobStore:
                 client=pipe,
             ),
         )
-        return bool(began)
+        return None if began == -1 else bool(began)
 
     def mark_launched(self, job_id: str) -> None:
         self._redis.hset(c.JobKeys(job_id).meta, "launched", "1")
@@ -137,18 +145,20 @@ class JobStore:
         raw = self._redis.hgetall(c.JobKeys(job_id).meta)
         if not raw or "total_images" not in raw:
             return None
-        doomed = raw.get("doomed")
         return JobMeta(
             total_images=int(raw["total_images"]),
             started_at=float(raw["started_at"]),
             images=[ImageSpec.model_validate(i) for i in json.loads(raw.get("images", "[]"))],
             launched=raw.get("launched") == "1",
-            doomed=doomed if doomed in ("scenes", "characters", "half") else None,  # type: ignore[arg-type]
+            doomed=_doom(raw.get("doomed")),
         )
 
     def doomed(self, job_id: str) -> DoomReason | None:
-        value = _text(self._redis.hget(c.JobKeys(job_id).meta, "doomed"))
-        return value if value in ("scenes", "characters", "half") else None  # type: ignore[return-value]
+        """Also for a job cancelled before it began, which has no plan (``meta`` is None)."""
+        return _doom(self._redis.hget(c.JobKeys(job_id).meta, "doomed"))
+
+    def cancel_reason(self, job_id: str) -> str | None:
+        return _text(self._redis.hget(c.JobKeys(job_id).meta, "cancel_reason"))
 
     def image_state(self, job_id: str, image_key: str) -> ImageState:
         keys = c.JobKeys(job_id)
@@ -159,7 +169,7 @@ class JobStore:
         outcome, doomed, made = pipe.execute()
         return ImageState(
             outcome=ImageOutcome.model_validate_json(outcome) if outcome else None,
-            doomed=doomed if doomed in ("scenes", "characters", "half") else None,
+            doomed=_doom(doomed),
             made=MadeImage(float(json.loads(made)["generation_time"])) if made else None,
         )
 
@@ -198,12 +208,7 @@ class JobStore:
                 client=pipe,
             ),
         )
-        doomed = str(doomed_now) if doomed_now not in (0, "0", None) else None
-        return Recorded(
-            ImageOutcome.model_validate_json(stored),
-            bool(is_new),
-            doomed if doomed in ("scenes", "characters", "half") else None,  # type: ignore[arg-type]
-        )
+        return Recorded(ImageOutcome.model_validate_json(stored), bool(is_new), _doom(doomed_now))
 
     def outcomes(self, job_id: str) -> dict[str, ImageOutcome]:
         raw = self._redis.hgetall(c.JobKeys(job_id).images)

@@ -1,4 +1,5 @@
-"""A job's start and end: admission (validate, claim, pre-flight) and finalization."""
+"""A job's start and end: admission (validate, claim, pre-flight) and finalization (the rule,
+or a cancellation's null: worker/cancel.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from typing import Any, Literal
 
 import structlog
 
+from worker import constants as c
 from worker.budget import to_nano
 from worker.crashpoints import crash_point
 from worker.errors import BudgetExceededError, InvalidPlanError, RefgenError
-from worker.events import JobError, Progress, StageFinished, StageStarted, encode
+from worker.events import JobError, Progress, StageCancelled, StageFinished, StageStarted, encode
 from worker.jobs import Commit, DoomReason
 from worker.metrics import DURATION_BUCKETS_S
 from worker.models import ImageOutcome, ImageSpec, money
@@ -36,7 +38,7 @@ _MAX_JOB_ID_CHARS = 256
 # are cancelled), so that the final cost includes what they ran.
 _DOOMED_SETTLE_S = 15.0
 
-Cause = Literal["chord", "deadline", "doomed"]
+Cause = Literal["chord", "deadline", "doomed", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,14 @@ class Refused:
     reason: str
 
 
-Admission = Launch | Duplicate | Refused
+@dataclass(frozen=True)
+class Cancelled:
+    """Cancelled before it began: it never starts, and it has ended (null result)."""
+
+    job_id: str
+
+
+Admission = Launch | Duplicate | Refused | Cancelled
 
 
 def usable_job_id(job_id: object) -> str | None:
@@ -87,6 +96,8 @@ class JobIntake:
         s = self._s
         if not s.jobs.claim(key, task_id):
             claimed_by = s.jobs.claimed_by(key)
+            if claimed_by is not None and claimed_by.startswith(c.CANCEL_CLAIM_PREFIX):
+                return self._cancelled(key)
             meta = s.jobs.meta(key)
             # The same start message again (a redelivery after a crash) carries on where the
             # first delivery stopped; any other enqueue of the job id is a duplicate.
@@ -122,6 +133,8 @@ class JobIntake:
             deadline_s=s.settings.job_deadline_s,
             started_event=encode(StageStarted(total_images=len(job_plan.images))),
         )
+        if fresh is None:
+            return self._cancelled(key)
         crash_point("start.after_plan_stored")
         if fresh:
             log.info(
@@ -135,7 +148,15 @@ class JobIntake:
     def launched(self, job_id: str) -> None:
         self._s.jobs.mark_launched(job_id)
 
-    def _refuse(self, job_id: str, error: RefgenError, **figures: Any) -> Refused:
+    def _cancelled(self, job_id: str) -> Cancelled:
+        """End a job cancelled before it began (idempotent: the cancel may have ended it)."""
+        log.info("job_cancelled_before_start", job_id=job_id)
+        JobFinalizer(self._s).finalize(job_id, cause="cancelled")
+        return Cancelled(job_id)
+
+    def _refuse(self, job_id: str, error: RefgenError, **figures: Any) -> Refused | Cancelled:
+        if self._s.jobs.doomed(job_id) == "cancelled":
+            return self._cancelled(job_id)  # one end: the cancel's, not a refusal after it
         log.warning("job_refused", job_id=job_id, reason=error.reason)
         self._s.events.publish(
             job_id,
@@ -189,49 +210,63 @@ class JobFinalizer:
                 f"({s.settings.job_deadline_s:g} s)"
             )
             self._fail_missing(job_id, planned, reason)
-        elif cause == "doomed" and meta is not None and meta.doomed is not None:
+        elif cause in ("doomed", "cancelled") and meta is not None and meta.doomed is not None:
             self._stop_spending(job_id, planned, meta.doomed)
         outcomes = {f"{o.image_type}_{o.image_id}": o for o in reported}
         outcomes.update(s.jobs.outcomes(job_id))  # the record wins: it is what events announced
         total = meta.total_images if meta is not None else len(outcomes)
+        # A cancelled job ends cancelled whichever finalize commits it; one cancelled before it
+        # began has no plan, only its cancellation.
+        cancelled = s.jobs.doomed(job_id) == "cancelled"
         crash_point("finalize.before_commit")
-        is_new, result = s.jobs.commit(
-            job_id, self._commit(job_id, list(outcomes.values()), total), DURATION_BUCKETS_S
-        )
+        commit = self._commit(job_id, list(outcomes.values()), total, cancelled=cancelled)
+        is_new, result = s.jobs.commit(job_id, commit, DURATION_BUCKETS_S)
         crash_point("finalize.after_commit")
         if is_new:
             log.info(
                 "job_finished",
                 job_id=job_id,
-                status=result["status"] if result else "text_only",
+                status=commit.outcome,
                 made=sum(1 for o in outcomes.values() if o.ok),
                 total=total,
                 by=cause,
             )
         return result
 
-    def _commit(self, job_id: str, outcomes: list[ImageOutcome], total: int) -> Commit:
+    def _commit(
+        self, job_id: str, outcomes: list[ImageOutcome], total: int, *, cancelled: bool
+    ) -> Commit:
         s = self._s
         spent = s.ledger.totals(job_id).spent
-        result = build_result(
-            job_id=job_id,
-            outcomes=outcomes,
-            total_images=total,
-            total_cost=spent,
-            model_version=s.settings.model_version,
-            environment=s.settings.environment,
-        )
+        result = None
+        if not cancelled:
+            result = build_result(
+                job_id=job_id,
+                outcomes=outcomes,
+                total_images=total,
+                total_cost=spent,
+                model_version=s.settings.model_version,
+                environment=s.settings.environment,
+            )
         made = sum(1 for o in outcomes if o.ok)
-        status = result.status if result is not None else "text_only"
-        final = StageFinished(
-            status="completed" if result is not None else "failed",
-            total_images=total,
-            successful_images=made,
-            failed_images=total - made,
-            total_cost=spent,
-            total_time=0.0,  # from the server's clock, as the result is committed
-            result_status=status,
-        )
+        figures = {
+            "total_images": total,
+            "successful_images": made,
+            "failed_images": total - made,
+            "total_cost": spent,
+            "total_time": 0.0,  # from the server's clock, as the result is committed
+        }
+        final: StageFinished
+        if cancelled:
+            status = "cancelled"
+            final = StageCancelled(reason=s.jobs.cancel_reason(job_id) or "Cancelled", **figures)
+        else:
+            status = result.status if result is not None else "text_only"
+            final = StageFinished(
+                status="completed" if result is not None else "failed",
+                result_status=status,
+                **figures,
+            )
         return Commit(
             result_json=json.dumps(result.model_dump(mode="json") if result else None),
             final_event=encode(final),

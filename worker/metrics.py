@@ -17,7 +17,7 @@ from worker import constants as c
 
 METRICS = c.METRICS
 DURATION_BUCKETS_S = (5, 10, 30, 60, 120, 300, 600, 1800)
-JOB_OUTCOMES = ("success", "partial", "text_only")
+JOB_OUTCOMES = ("success", "partial", "text_only", "cancelled")
 
 
 class JobMetrics:

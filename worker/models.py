@@ -141,8 +141,8 @@ class ImageSpec(BaseModel):
 
 
 class ImageOutcome(BaseModel):
-    """What a header task hands to ``finalize``. A failure is a value, never an exception,
-    because Celery skips a chord's callback when a header task raises."""
+    """What a header task hands to ``finalize``, made or not. A failed image's task raises
+    it inside ``ImageNotMade`` (tasks/backend.py), which still delivers it to the callback."""
 
     image_type: ImageType
     image_id: str

@@ -53,6 +53,8 @@ _WHY_DOOMED = {
 
 
 def skipped_reason(doom: DoomReason) -> str:
+    if doom == "cancelled":
+        return "Not made: the job was cancelled"
     return (
         f"Not made, to save money: {_WHY_DOOMED[doom]}, so this job goes text-only "
         "whatever this image does"
@@ -60,6 +62,8 @@ def skipped_reason(doom: DoomReason) -> str:
 
 
 def cancelled_reason(doom: DoomReason) -> str:
+    if doom == "cancelled":
+        return "Stopped while it was being made: the job was cancelled"
     return (
         f"Cancelled, to save money: {_WHY_DOOMED[doom]}, so this job goes text-only "
         "whatever this image does"

@@ -25,7 +25,9 @@ _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 
 # Every script a worker runs; ``register`` takes no other name.
 NAMES = (
+    "backlog_first_seen",
     "begin_job",
+    "cancel_job",
     "checkpoint_intent",
     "commit_result",
     "deadline_claim",
@@ -42,6 +44,7 @@ NAMES = (
     "ratelimit_admit",
     "ratelimit_back_off",
     "record_outcome",
+    "worker_beat",
 )
 
 

@@ -217,6 +217,44 @@ def test_flower_shows_the_worker_and_every_task_of_a_job(
     assert set(flower.api("/api/task/types")["task-types"]) == {START, GENERATE, FINALIZE}
 
 
+def test_flower_shows_a_failed_image_as_failure_with_its_reason_and_a_retry_as_retry(
+    start_flower, worker: WorkerProcess, runner: JobRunner, load_plan
+) -> None:
+    """The rooftop fails both attempts, the antagonist its first: the job ends partial, and
+    Flower, from the worker's own events, shows the rooftop's task as FAILURE with the reason
+    the job's events give, both as retried, and every other task as SUCCESS."""
+    flower = start_flower(FLOWER_UNAUTHENTICATED_API="true")
+    worker.env.update(LOCAL_GENERATOR_FAIL_IDS="rooftop", LOCAL_GENERATOR_FLAKY_IDS="antagonist")
+    worker.start(runner.client)
+    plan = load_plan("typical_2x2")
+    job_id = plan["job_id"]
+    run = runner(plan, timeout_s=60)
+    assert run.result["status"] == "partial"
+    (failed,) = run.of("reference_generation_failed")
+    assert failed["image_id"] == "rooftop"
+
+    rooftop, antagonist = f"{job_id}:scene_rooftop", f"{job_id}:character_antagonist"
+    expected = {START: 1, GENERATE: 4, FINALIZE: 1}
+
+    def settled() -> dict[str, dict[str, Any]] | None:
+        tasks = flower.api("/api/tasks")
+        ended = Counter(t["name"] for t in tasks.values() if t["state"] in ("SUCCESS", "FAILURE"))
+        return tasks if ended == expected else None
+
+    tasks = poll(settled, what="the job's six tasks ended")
+    states = {task_id: task["state"] for task_id, task in tasks.items()}
+    assert states.pop(rooftop) == "FAILURE"
+    assert set(states.values()) == {"SUCCESS"}
+    info = flower.api(f"/api/task/info/{rooftop}")
+    assert info["exception"] == f"ImageNotMade({failed['reason']!r})"
+    # Retried before it failed, and the retry's reason is what Flower showed in RETRY.
+    assert info["retried"] is not None and info["retries"] == 1
+    flaky = flower.api(f"/api/task/info/{antagonist}")
+    assert flaky["state"] == "SUCCESS" and flaky["retried"] is not None
+    assert "RetryableError('The image service is temporarily unavailable" in flaky["exception"]
+    assert "Traceback" not in worker.log_path.read_text()  # an expected failure, one line
+
+
 @pytest.mark.parametrize(
     ("flower_env", "credentials", "api_status"),
     [

@@ -413,6 +413,43 @@ def test_browser_shows_the_finished_job(stack, load_plan) -> None:
     print(f"\nscreenshot: {shot}")
 
 
+def test_a_cancelled_job_ends_its_stream_and_its_page_and_index_say_so(stack, load_plan) -> None:
+    from playwright.sync_api import sync_playwright
+
+    url, runner = stack.url, stack.runner
+    plan = load_plan("large_5x3")  # 8 images of 1.5 s on 4 slots: some still wait
+    job_id = plan["job_id"]
+    thread, box = in_background(runner, plan)
+    wait_known(url, job_id)
+    runner.client.send_task(c.TASK_CANCEL, kwargs={"job_id": job_id, "reason": "the user left"})
+    thread.join()
+    final = box[0].events[-1][1]
+    assert (final["status"], final["reason"]) == ("cancelled", "the user left")
+
+    sse = Sse()
+    with httpx.stream("GET", f"{url}/jobs/{job_id}/events", timeout=30) as response:
+        sse.read(response)
+    assert sse.ended  # the gateway knows a cancelled job's last word
+    assert sse.messages[-1]["data"] == final
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/jobs/{job_id}")
+            page.wait_for_selector("body[data-finished=true]", timeout=30_000)
+            assert page.locator("[data-testid=status]").inner_text().lower() == "cancelled"
+            message = page.locator("[data-testid=message]").inner_text()
+            assert message == (
+                f"Cancelled: the user left. {final['successful_images']} of 8 images were made "
+                "before it; the result is null."
+            )
+        finally:
+            browser.close()
+    rows = index_rows(httpx.get(f"{url}/").text)
+    assert rows[job_id]["status"] == "cancelled"
+
+
 # --- Redis goes away and comes back ----------------------------------------------------------
 
 

@@ -5,7 +5,12 @@
 -- ARGV[1] job id, ARGV[2] total images, ARGV[3] scenes, ARGV[4] characters,
 -- ARGV[5] the planned images (JSON), ARGV[6] TTL of the meta hash (s),
 -- ARGV[7] seconds until the job's deadline, ARGV[8] the job's channel, ARGV[9] "started" event
--- Returns 1 when this call began the job, 0 when an earlier delivery had.
+-- Returns 1 when this call began the job, 0 when an earlier delivery had, -1 (writing nothing)
+-- when the job was cancelled before it began (worker/cancel.py).
+if redis.call('HGET', KEYS[1], 'doomed') == 'cancelled'
+    and redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
+  return -1
+end
 local now = server_now()
 if redis.call('HSETNX', KEYS[1], 'started_at', string.format('%.6f', now)) == 0 then
   return 0
