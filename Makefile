@@ -12,7 +12,7 @@ bootstrap-test:
 	@scripts/bootstrap.sh --test
 
 demo: bootstrap
-	$(BIN)/refgen demo
+	@$(BIN)/refgen demo
 
 test: bootstrap-test
 	$(BIN)/python -m pytest

@@ -4,6 +4,8 @@
 # exactly the pinned versions in constraints.txt. Safe to run again: it does only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# What it says goes to stderr: `make demo > out.json` must get the demo's JSON alone.
+exec 1>&2
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)

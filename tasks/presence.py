@@ -31,7 +31,9 @@ def _beat_while_running(sender: Any = None, **_: Any) -> None:
 def _say_goodbye(**_: Any) -> None:
     while _running:
         presence, ticker = _running.pop()
-        ticker.stop()
+        # A beat under way when the worker stops would land after the goodbye and list the
+        # stopped worker again: let it end first.
+        ticker.stop(wait_s=5)
         try:
             presence.gone()
         except redis.RedisError as exc:

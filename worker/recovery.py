@@ -290,8 +290,12 @@ class Ticker:
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """Stops the ticking; with ``wait_s``, also waits that long for a step under way to end,
+        for a caller whose next write must not be overtaken by a late step."""
         self._stop.set()
+        if wait_s > 0 and self._thread is not None:
+            self._thread.join(wait_s)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):

@@ -167,6 +167,31 @@ def test_demo_starts_what_it_needs_and_stops_it(tmp_path) -> None:
     assert leftovers.stdout.strip() == ""  # it stopped the Redis it started
 
 
+def test_make_demo_prints_the_json_alone(tmp_path) -> None:
+    """`make demo > out.json` is the README's way to keep the result: make's echo of the command
+    and the bootstrap's words go to stderr."""
+    port = free_port()
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_", "REFERENCE_", "MAKE"))
+    }
+    env.update(
+        REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        LOCAL_GENERATOR_LATENCY_S="0.1",
+        LOCAL_STORAGE_DIR=str(tmp_path / "storage"),
+    )
+    done = subprocess.run(
+        ["make", "--no-print-directory", "demo"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["status"] == "success", done.stdout[:500]
+
+
 def test_run_on_a_terminal_shows_a_progress_bar(worker, client_env, load_plan, tmp_path) -> None:
     import pty
 

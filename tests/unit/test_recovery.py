@@ -222,3 +222,22 @@ def test_lease_renewal_never_waits_on_recovery_work(redis_client) -> None:
     finally:
         for ticker in tickers:
             ticker.stop()
+
+
+def test_a_ticker_stopped_with_a_wait_lets_the_step_under_way_end_first() -> None:
+    """The presence goodbye relies on it: a beat still under way must not land after it."""
+    entered, release = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def step() -> None:
+        entered.set()
+        release.wait(5)
+        events.append("step ended")
+
+    ticker = Ticker("test_slow_step", step, 0.01)
+    ticker.start()
+    assert entered.wait(5)
+    threading.Timer(0.2, release.set).start()
+    ticker.stop(wait_s=5)
+    events.append("stopped")
+    assert events == ["step ended", "stopped"]
