@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -211,6 +213,29 @@ def run(request: RunRequest, settings: Settings) -> int:
         view.close()
 
 
+class _SafeInterrupt:
+    """^C while following a job ends the wait at the loop's next turn (within one read), never
+    inside the Redis client, kombu or rich, which can be left holding a lock or a half-read
+    reply by a KeyboardInterrupt raised in the middle of them."""
+
+    def __init__(self) -> None:
+        self.asked = threading.Event()
+        self._previous: Any = None
+
+    def __enter__(self) -> _SafeInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, lambda *_: self.asked.set())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def check(self) -> None:
+        if self.asked.is_set():
+            raise KeyboardInterrupt
+
+
 def follow(
     app: Any,
     events: JobEvents,
@@ -229,6 +254,34 @@ def follow(
     the result still ends the wait — but only after every event already published is read,
     so that a refusal's reason is always shown. So is the ``start`` this command sent (by
     ``start_id``), until it has run: a start that failed on the worker ends the wait."""
+    with _SafeInterrupt() as interrupt:
+        return _follow(
+            app,
+            events,
+            job_id,
+            view,
+            timeout_s=timeout_s,
+            settings=settings,
+            client=client,
+            start_id=start_id,
+            no_worker_after_s=no_worker_after_s,
+            interrupt=interrupt,
+        )
+
+
+def _follow(
+    app: Any,
+    events: JobEvents,
+    job_id: str,
+    view: ProgressView,
+    *,
+    timeout_s: float,
+    settings: Settings,
+    client: redis.Redis,
+    start_id: str | None,
+    no_worker_after_s: float,
+    interrupt: _SafeInterrupt,
+) -> int:
     from celery.exceptions import TimeoutError as ResultTimeout
 
     result = app.AsyncResult(job_id)
@@ -238,6 +291,7 @@ def follow(
     next_poll = 0.0
     warned = False
     while time.monotonic() < deadline:
+        interrupt.check()
         try:
             for message in events.read(block_ms=_READ_BLOCK_MS):
                 view.handle(message)
@@ -257,7 +311,7 @@ def follow(
                 view.say(_no_worker_message(app, job_id, now - started, settings))
         except (redis.RedisError, OSError):
             where = settings.redis_endpoint().describe()
-            if not _wait_for_redis(client, where, settings.broker_grace_s):
+            if not _wait_for_redis(client, where, settings.broker_grace_s, interrupt):
                 return ex.BROKER
         except ResultTimeout:
             break
@@ -333,7 +387,9 @@ def exit_code(result: Any, final: dict[str, Any] | None) -> int:
     return ex.TEXT_ONLY
 
 
-def _wait_for_redis(client: redis.Redis, where: str, grace_s: float) -> bool:
+def _wait_for_redis(
+    client: redis.Redis, where: str, grace_s: float, interrupt: _SafeInterrupt
+) -> bool:
     """Ride out a broker restart or failover; give up, clearly, when it stays gone."""
     print(
         f"refgen: lost Redis at {where}; waiting up to {grace_s:g} s for it to come back",
@@ -341,6 +397,7 @@ def _wait_for_redis(client: redis.Redis, where: str, grace_s: float) -> bool:
     )
     end = time.monotonic() + grace_s
     while time.monotonic() < end:
+        interrupt.check()
         try:
             client.ping()
             print("refgen: Redis is back", file=sys.stderr)
