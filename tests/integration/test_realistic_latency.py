@@ -144,11 +144,18 @@ def assert_the_job_spanned(stack: SlowStack, job_id: str, spell: Spell) -> None:
 
 
 def event_streams(stack: SlowStack, job_id: str) -> list[dict]:
-    return [
-        line
-        for line in log_lines(stack.log)
-        if line["event"] == "http_request" and line["path"].endswith(f"{job_id}/events")
-    ]
+    """The gateway's log lines for the job's event streams, once the stream it ended is logged
+    (the line is written as its response completes, a moment after the client saw it end)."""
+
+    def logged() -> list[dict]:
+        return [
+            line
+            for line in log_lines(stack.log)
+            if line["event"] == "http_request" and line["path"].endswith(f"{job_id}/events")
+        ]
+
+    wait_until(logged, "the event stream's log line", timeout_s=20)
+    return logged()
 
 
 def test_one_connection_carries_a_realistic_job_to_its_final_event(slow, load_plan) -> None:
