@@ -108,12 +108,17 @@ def test_run_exit_codes(worker, client_env, load_plan, tmp_path) -> None:
 
 
 def test_run_says_clearly_when_redis_cannot_be_reached(load_plan, tmp_path) -> None:
-    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    started = time.monotonic()
-    done = refgen("run", str(write(tmp_path, load_plan())), env=env, timeout=30)
-    assert done.returncode == 3
-    assert "cannot reach Redis at redis://127.0.0.1:" in done.stderr
-    assert time.monotonic() - started < 20
+    # A grace period of an hour: a command that entered it would not end; this one gives up
+    # at once.
+    env = {
+        **os.environ,
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "BROKER_GRACE_S": "3600",
+    }
+    done = refgen("run", str(write(tmp_path, load_plan())), env=env, timeout=60)
+    assert (done.returncode, done.stdout) == (exit_codes.BROKER, "")
+    [said] = done.stderr.splitlines()  # at once, in one line: no "waiting up to 3600 s"
+    assert said.startswith("refgen: cannot reach Redis at redis://127.0.0.1:")
 
 
 def test_run_gives_up_clearly_when_redis_goes_for_good(load_plan, tmp_path) -> None:
@@ -312,12 +317,11 @@ def test_run_says_when_no_worker_takes_the_job_and_keeps_waiting(load_plan, tmp_
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(process.stderr or []))
         reader.start()
-        started = time.monotonic()
+        deadline = time.monotonic() + 60
         while not any("no worker has taken job" in line for line in lines):
             assert process.poll() is None, lines
-            assert time.monotonic() - started < 20, lines
+            assert time.monotonic() < deadline, lines
             time.sleep(0.1)
-        said_after = time.monotonic() - started
         worker = WorkerProcess(env, tmp_path / "worker.log", "late")
         try:
             worker.start(JobRunner(broker.url).client)
@@ -326,8 +330,10 @@ def test_run_says_when_no_worker_takes_the_job_and_keeps_waiting(load_plan, tmp_
         finally:
             worker.stop()
         reader.join()
-    assert 4 <= said_after < 15
     warning = next(line for line in lines if "no worker has taken job" in line)
+    # Said once the command had waited the 5 s the README promises, by its own count.
+    waited = re.search(r"no worker has taken job \S+ after (\d+) s", warning)
+    assert waited and int(waited.group(1)) >= 5, warning
     assert "none answers on redis://127.0.0.1:" in warning and "Still waiting" in warning
     assert process.returncode == 0, lines
     assert json.loads(stdout)["status"] == "success"
