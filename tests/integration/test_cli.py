@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 import termios
@@ -30,6 +31,7 @@ from tasks.harness import (
 from tasks.localredis import RedisServer, free_port
 from tasks.progress import ProgressView
 from tests.integration.conftest import DOOMED
+from worker import constants as c
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -121,6 +123,21 @@ def test_run_says_clearly_when_redis_cannot_be_reached(load_plan, tmp_path) -> N
     assert said.startswith("refgen: cannot reach Redis at redis://127.0.0.1:")
 
 
+def wait_running(redis_url: str, job_id: str, process: subprocess.Popen[str]) -> None:
+    """Until the job's first image has started (its event is in the job's stream)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    deadline = time.monotonic() + 60
+    try:
+        while not any(
+            c.EVENT_IMAGE_START in fields.get("message", "")
+            for _, fields in client.xrange(c.events_stream(job_id))
+        ):
+            assert process.poll() is None and time.monotonic() < deadline, "the job never ran"
+            time.sleep(0.1)
+    finally:
+        client.close()
+
+
 def test_run_gives_up_clearly_when_redis_goes_for_good(load_plan, tmp_path) -> None:
     with RedisServer() as broker:
         env = {
@@ -131,20 +148,23 @@ def test_run_gives_up_clearly_when_redis_goes_for_good(load_plan, tmp_path) -> N
         }
         worker = WorkerProcess(env, tmp_path / "worker.log", "slow")
         worker.start(JobRunner(broker.url).client)
+        plan = load_plan()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tasks.cli", "run", str(write(tmp_path, load_plan()))],
+                [sys.executable, "-m", "tasks.cli", "run", str(write(tmp_path, plan))],
                 env={**env, "BROKER_GRACE_S": "3"},
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            time.sleep(3)  # the job is running
+            wait_running(broker.url, plan["job_id"], process)
             broker.stop()
             _, stderr = process.communicate(timeout=60)
         finally:
-            worker.stop()
+            assert worker.process is not None
+            os.killpg(worker.process.pid, signal.SIGKILL)  # a warm stop waits out its 30 s image
+            worker.process.wait()
     assert process.returncode == 3
     assert "lost Redis" in stderr and "is gone" in stderr
 
