@@ -237,6 +237,18 @@ class FakeReplicate(FakeHTTPServer):
         with self._lock:
             return self._predictions[prediction_id].status
 
+    def age_s(self, prediction_id: str) -> float:
+        """Seconds since its creation, on the clock its timeline runs on: a test can tell
+        whether something came before a moment of that timeline (its start, its end)."""
+        with self._lock:
+            return time.monotonic() - self._predictions[prediction_id].created
+
+    def ended_after_s(self, prediction_id: str) -> float | None:
+        """When it ended, in seconds after its creation (None: not yet): the server's own
+        figure, exactly its Cancel-After deadline when that ended it."""
+        with self._lock:
+            return self._predictions[prediction_id].state()[2]
+
     @property
     def api_requests(self) -> list[RecordedRequest]:
         """Every request to the API: what Replicate's rate limits count (downloads are not)."""

@@ -30,8 +30,10 @@ class AtTheLimit:
 
     statuses: list[str | None] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
-    throttled: int = 0
-    creates: list[float] = field(default_factory=list)
+    throttled: int = 0  # requests the server refused with a 429
+    backed_off: int = 0  # shared back-offs the workers logged, one for each 429 they got
+    predictions: int = 0  # predictions made (creates the server admitted)
+    creates: list[float] = field(default_factory=list)  # create requests, on the fake's clock
     downloads: list[float] = field(default_factory=list)
     other_requests: int = 0
 
@@ -69,6 +71,10 @@ def run_at_the_limit(tmp: Path) -> AtTheLimit:
                     worker.stop()
             outcome.statuses = [run.result["status"] if run.result else None for run in runs]
             outcome.throttled = len(replicate.throttled)
+            outcome.backed_off = sum(
+                worker.log_path.read_text().count('"rate_limit_back_off"') for worker in workers
+            )
+            outcome.predictions = len(replicate.creates)
             outcome.creates = sorted(r.timestamp for r in replicate.requests_for("create"))
             outcome.downloads = sorted(r.timestamp for r in replicate.requests_for("file"))
             outcome.other_requests = len([r for r in replicate.api_requests if r.route != "create"])

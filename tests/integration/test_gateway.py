@@ -504,9 +504,11 @@ def test_redis_down_is_a_503_and_a_stream_carries_on_when_it_returns(lonely) -> 
         assert reply.status_code == 503, (path, reply.text)
         assert reply.headers["content-type"].startswith(kind), path
         assert "Redis is not answering" in reply.text, path
-    time.sleep(2.0)  # the stream waits, with keep-alives
+    deadline = time.monotonic() + 20
+    while sse.comments <= comments_before:  # the stream waits, with keep-alives
+        assert reader.is_alive() and time.monotonic() < deadline, "no keep-alive came"
+        time.sleep(0.05)
     assert reader.is_alive()
-    assert sse.comments > comments_before
 
     lonely.broker.start()
     deadline = time.monotonic() + 10

@@ -74,14 +74,13 @@ def refgen(
 def test_the_worker_refuses_to_start_without_its_credentials(
     redis_server, tmp_path, secrets: dict[str, str], says: str
 ) -> None:
-    started = time.monotonic()
     done = refgen("worker", env=production(redis_server.url, tmp_path, **secrets))
     assert done.returncode == exit_codes.CONFIGURATION, done.stderr
     [line] = done.stderr.splitlines()  # one clear line, no traceback
     assert line.startswith("refgen: configuration error: ") and says in line
     for secret in secrets.values():
         assert secret not in done.stderr + done.stdout
-    assert time.monotonic() - started < 30  # it never started a worker
+    assert done.stdout == ""  # it never started a worker: no banner, nothing else
 
 
 def test_run_gateway_beat_and_flower_work_in_production_with_redis_alone(

@@ -245,13 +245,14 @@ def test_killed_pool_process_adopts_the_same_prediction(
         while not creates_for(replicate_fake, "pine forest", since):
             assert time.monotonic() < deadline, "the prediction was never created"
             time.sleep(0.1)
-        time.sleep(0.8)  # the pool process is now held in its sync create
+        # The server holds the create it has received (a 2.5 s run): the pool process waits in it.
         children = subprocess.run(
             ["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True, check=False
         ).stdout.split()
         assert children, "no pool process found"
         for pid in children:
             os.kill(int(pid), signal.SIGKILL)
+        killed_at = time.monotonic()  # the fake's clock: it runs in this process
 
         result = run_real.client.AsyncResult(plan["job_id"]).get(timeout=60)
         assert result["status"] == "success"
@@ -260,7 +261,8 @@ def test_killed_pool_process_adopts_the_same_prediction(
         # The create's answer died with the process: the next delivery found the prediction
         # among the account's recent ones, by its input.
         lists = replicate_fake.requests_for(route="list")
-        assert lists and lists[-1].timestamp > forest[0].timestamp + 0.8
+        assert lists and lists[-1].timestamp > killed_at
+        assert replicate_fake.ended_after_s(forest[0].prediction_id) == 2.5  # it ran on, unkilled
         assert '"prediction_adopted"' in (log_dir / "prefork.log").read_text()
         bills = replicate_fake.bills(c.DEFAULT_HARDWARE_PRICE_PER_S)
         billed = sum(

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import redis
 import replicate
 
 from worker import constants as c
@@ -31,36 +33,70 @@ def clean(redis_client) -> None:
         redis_client.delete(c.replicate_limit_key(kind), c.replicate_backoff_key(kind))
 
 
+@dataclass
+class Admissions:
+    """What a gate's admit script answered, and when (on the Redis clock) it admitted."""
+
+    answers: list[int] = field(default_factory=list)  # 0 admitted, else ms to wait
+    at_ms: list[float] = field(default_factory=list)  # each admission's score, unix ms
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def watch(self, gate: RedisRateGate, client: redis.Redis) -> RedisRateGate:
+        """Reads each admission's score in the same transaction as the script that wrote
+        it: the time the gate itself used, not a moment this (maybe starved) thread saw."""
+        script = gate._admit
+
+        def admit(keys: list[str], args: list[object]) -> int:
+            pipe = client.pipeline(transaction=True)
+            script(keys=keys, args=args, client=pipe)
+            pipe.zscore(keys[0], str(args[2]))
+            answer, score = pipe.execute()
+            with self.lock:
+                self.answers.append(int(answer))
+                if int(answer) <= 0:
+                    self.at_ms.append(float(score))
+            return int(answer)
+
+        gate._admit = admit  # type: ignore[method-assign]
+        return gate
+
+
+def back_off_until_ms(client: redis.Redis, kind: str = CREATE) -> float:
+    return float(client.get(c.replicate_backoff_key(kind)))
+
+
 def test_no_more_than_the_limit_in_any_window_across_threads(redis_client) -> None:
-    admitted: list[float] = []
-    lock = threading.Lock()
+    admissions = Admissions()
 
     def worker() -> None:
         gate = RedisRateGate(redis_client, limit=5, window_s=0.5, guard_s=0.02)
+        admissions.watch(gate, redis_client)
         for _ in range(3):
             gate.acquire(deadline_s=10)
-            with lock:
-                admitted.append(time.monotonic())
 
     threads = [threading.Thread(target=worker) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    admitted.sort()
+    admitted = sorted(admissions.at_ms)
     assert len(admitted) == 18
     for i, start in enumerate(admitted):
-        in_window = [t for t in admitted[i:] if t < start + 0.5]
+        in_window = [t for t in admitted[i:] if t < start + 500]
         assert len(in_window) <= 5
-    assert admitted[-1] - admitted[0] >= 1.0  # 18 creates at 5 per 0.5 s need 3 windows
+    assert admitted[-1] - admitted[0] >= 1000  # 18 creates at 5 per 0.5 s need 3 windows
+    assert any(answer > 0 for answer in admissions.answers)  # some were told to wait
 
 
 def test_back_off_holds_everyone(redis_client) -> None:
     gate = RedisRateGate(redis_client, limit=100)
     gate.back_off(0.6)
-    started = time.monotonic()
-    RedisRateGate(redis_client, limit=100).acquire(deadline_s=5)  # another worker
-    assert time.monotonic() - started >= 0.5
+    until_ms = back_off_until_ms(redis_client)
+    another = Admissions()  # another worker
+    another.watch(RedisRateGate(redis_client, limit=100), redis_client).acquire(deadline_s=5)
+    assert another.answers[0] > 0  # held by the back-off...
+    assert another.answers[-1] == 0 and len(another.at_ms) == 1
+    assert another.at_ms[0] >= until_ms  # ...and admitted only once it had passed
 
 
 def test_gives_up_retryably_past_its_deadline(redis_client) -> None:
@@ -85,10 +121,14 @@ def test_the_two_kinds_have_separate_windows_and_back_offs(redis_client) -> None
         budget.admit(CREATE, time.monotonic() + 0.3)
     budget.admit(OTHER, time.monotonic() + 0.1)  # the other budget is untouched
     budget.admit(OTHER, time.monotonic() + 0.1)
-    budget.back_off(OTHER, 0.5)
-    started = time.monotonic()
-    budget.admit(OTHER, time.monotonic() + 2)
-    assert time.monotonic() - started >= 0.4
+    # Longer than the window (two a second): only the back-off can hold the next one so long.
+    budget.back_off(OTHER, 1.5)
+    until_ms = back_off_until_ms(redis_client, OTHER)
+    others = Admissions()
+    others.watch(budget._gates[OTHER], redis_client)  # type: ignore[arg-type]
+    budget.admit(OTHER, time.monotonic() + 5)
+    assert others.answers[0] > 0 and len(others.at_ms) == 1
+    assert others.at_ms[0] >= until_ms  # admitted once its back-off had passed
     for kind in (CREATE, OTHER):
         assert redis_client.pttl(c.replicate_limit_key(kind)) > 0  # nothing kept for ever
 

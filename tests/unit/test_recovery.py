@@ -34,11 +34,22 @@ def wait_until(condition, timeout_s: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def redis_now(client) -> float:
+    seconds, micros = client.time()
+    return float(seconds + micros / 1_000_000)
+
+
+def lapse(client, key: str, member: str) -> None:
+    """Its time is up on the Redis clock (the one the scripts compare with): what a lease or
+    a claim comes to once nobody renews it, without waiting for it on a busy machine."""
+    client.zadd(key, {member: redis_now(client) - 1})
+
+
 def test_an_expired_lease_is_claimed_once_and_kept_not_deleted(redis_client) -> None:
-    leases = Leases(redis_client, ttl_s=0.2)
+    leases = Leases(redis_client, ttl_s=30)
     leases.take("task-1", {"task": "x", "args": [1]})
     assert leases.claim_expired("w", hold_s=5) == []  # still live
-    time.sleep(0.3)
+    lapse(redis_client, c.LEASES, "task-1")
     claims: list = []
     threads = [
         threading.Thread(target=lambda: claims.extend(leases.claim_expired("w", hold_s=5)))
@@ -55,12 +66,13 @@ def test_an_expired_lease_is_claimed_once_and_kept_not_deleted(redis_client) -> 
 
 
 def test_a_claim_whose_resend_never_happened_is_claimed_again(redis_client) -> None:
-    leases = Leases(redis_client, ttl_s=0.2)
+    leases = Leases(redis_client, ttl_s=30)
     leases.take("task-1", {"task": "x"})
-    time.sleep(0.3)
-    first = leases.claim_expired("dead-watchdog", hold_s=0.2)
+    lapse(redis_client, c.LEASES, "task-1")
+    first = leases.claim_expired("dead-watchdog", hold_s=30)
     assert len(first) == 1
-    time.sleep(0.3)  # the claimer died before sending: nothing extended the claim
+    assert leases.claim_expired("live-watchdog", hold_s=5) == []  # held by the claim
+    lapse(redis_client, c.LEASES, "task-1")  # the claimer died: nothing extended its claim
     second = leases.claim_expired("live-watchdog", hold_s=5)
     assert [cl.task_id for cl in second] == ["task-1"]
     assert second[0].token != first[0].token
@@ -81,20 +93,24 @@ def test_a_lease_belongs_to_one_delivery(redis_client) -> None:
 
 
 def test_renewal_keeps_a_lease_alive(redis_client) -> None:
-    leases = Leases(redis_client, ttl_s=0.3)
+    leases = Leases(redis_client, ttl_s=30)
     token = leases.take("task-1", {"task": "x"})
-    for _ in range(4):
-        time.sleep(0.15)
+    for _ in range(2):
+        lapse(redis_client, c.LEASES, "task-1")  # about to be claimed...
+        before = redis_now(redis_client)
         assert leases.renew({"task-1": token}) == []
+        expiry = leases.expiry("task-1")  # ...renewed for a lifetime, on the Redis clock
+        assert expiry is not None and before + 30 <= expiry <= redis_now(redis_client) + 30
     assert leases.claim_expired("w", hold_s=5) == []
 
 
 def test_extra_time_covers_a_retry_countdown(redis_client) -> None:
     leases = Leases(redis_client, ttl_s=0.2)
+    before = redis_now(redis_client)
     leases.take("task-1", {"task": "x"}, extra_s=0.5)
-    time.sleep(0.3)
-    assert leases.claim_expired("w", hold_s=5) == []
-    time.sleep(0.5)
+    expiry = leases.expiry("task-1")  # a lifetime and the countdown, on the Redis clock
+    assert expiry is not None and before + 0.7 <= expiry <= redis_now(redis_client) + 0.7
+    wait_until(lambda: redis_now(redis_client) > expiry)
     assert [cl.task_id for cl in leases.claim_expired("w", hold_s=5)] == ["task-1"]
 
 
@@ -102,27 +118,28 @@ def test_expiries_are_on_the_redis_clock_not_the_hosts(redis_client, monkeypatch
     """A host whose clock is an hour fast must not expire anyone's lease early."""
     leases = Leases(redis_client, ttl_s=30)
     monkeypatch.setattr(time, "time", lambda: 4_000_000_000.0)  # this host's clock is wrong
+    before = redis_now(redis_client)
     leases.take("task-1", {"task": "x"})
-    seconds, micros = redis_client.time()
     expiry = leases.expiry("task-1")
-    assert expiry is not None and abs(expiry - (seconds + micros / 1e6 + 30)) < 2
+    assert expiry is not None and before + 30 <= expiry <= redis_now(redis_client) + 30
     assert leases.claim_expired("w", hold_s=5) == []
 
 
 def test_image_lock_admits_one_delivery_and_knows_when_it_was_lost(redis_client) -> None:
     key = f"lock:{uuid.uuid4()}"
     mine, theirs = Holdings(), Holdings()
-    first = ImageLocks(redis_client, 0.3, mine)
-    second = ImageLocks(redis_client, 0.3, theirs)
+    first = ImageLocks(redis_client, 30, mine)
+    second = ImageLocks(redis_client, 30, theirs)
     lock = first.try_acquire(key)
     assert lock is not None and first.still_held(lock)
     assert second.try_acquire(key) is None
-    heartbeat = Heartbeat(Leases(redis_client, ttl_s=0.3), mine)
-    for _ in range(4):
-        time.sleep(0.15)
-        heartbeat.beat()
+    heartbeat = Heartbeat(Leases(redis_client, ttl_s=30), mine)
+    redis_client.pexpire(key, 1000)  # a second left of it...
+    heartbeat.beat()
+    assert redis_client.pttl(key) > 1000  # ...renewed for a lifetime by the heartbeat
     assert second.try_acquire(key) is None  # renewed: still held
-    time.sleep(0.4)  # frozen: nobody renews it
+    redis_client.pexpire(key, 1)  # frozen: nobody renews it, and it expires
+    wait_until(lambda: not redis_client.exists(key))
     taken = second.try_acquire(key)
     assert taken is not None
     heartbeat.beat()  # the thawed holder's heartbeat finds out ...
@@ -144,9 +161,12 @@ def test_deadlines_are_claimed_by_pushing_them_out_and_go_when_done(redis_client
     deadlines = Deadlines(redis_client)
     seconds, _ = redis_client.time()
     redis_client.zadd(c.DEADLINES, {"job-a": seconds - 1, "job-b": seconds + 60})
-    assert deadlines.claim_due(hold_s=0.3) == ["job-a"]
-    assert deadlines.claim_due(hold_s=0.3) == []  # held by the claimer
-    time.sleep(0.4)  # the claimer died before the result was stored
+    before = redis_now(redis_client)
+    assert deadlines.claim_due(hold_s=30) == ["job-a"]
+    due = deadlines.due_at("job-a")  # pushed out by the hold, on the Redis clock
+    assert due is not None and before + 30 <= due <= redis_now(redis_client) + 30
+    assert deadlines.claim_due(hold_s=30) == []  # held by the claimer
+    lapse(redis_client, c.DEADLINES, "job-a")  # the claimer died before the result was stored
     assert deadlines.claim_due(hold_s=30) == ["job-a"]
     deadlines.done("job-a")
     assert deadlines.due_at("job-a") is None
@@ -193,11 +213,11 @@ def test_lease_renewal_never_waits_on_recovery_work(redis_client) -> None:
     holdings.hold_lease("mine", leases.take("mine", {"task": "x"}))
     seconds, _ = redis_client.time()
     redis_client.zadd(c.DEADLINES, {"slow-job": seconds - 1})
-    busy = threading.Event()
+    busy, released = threading.Event(), threading.Event()
 
     def slow_finalize(job_id: str) -> None:
         busy.set()
-        time.sleep(1.5)
+        released.wait(30)  # stuck until the test lets it go: certainly, not for a while
 
     heartbeat = Heartbeat(leases, holdings)
     watchdog = Watchdog(
@@ -216,10 +236,13 @@ def test_lease_renewal_never_waits_on_recovery_work(redis_client) -> None:
         ticker.start()
     try:
         wait_until(busy.is_set)
-        time.sleep(1.2)  # three lease lifetimes while the watchdog is stuck
-        assert holdings.leases() != {}
-        assert leases.claim_expired("someone-else", hold_s=5) == []
+        # Renewed by the heartbeat while the watchdog is stuck: the lease comes to run past
+        # three of its lifetimes (on the Redis clock) from the moment it got stuck.
+        stuck_at = redis_now(redis_client)
+        wait_until(lambda: (leases.expiry("mine") or 0) > stuck_at + 3 * 0.4)
+        assert not released.is_set() and holdings.leases() != {}
     finally:
+        released.set()
         for ticker in tickers:
             ticker.stop()
 
