@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from gateway.auth import mint
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -26,6 +28,25 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+# The test gateways' token secrets (GATEWAY_JWT_SECRET="new,old"): 32 characters each.
+SECRET = "test-only-gateway-secret-0123456"
+OLD_SECRET = "test-only-previous-secret-012345"
+SECRETS = f"{SECRET},{OLD_SECRET}"
+
+
+def job_token(job_id: str, *, ttl_s: float = 600, secret: str = SECRET) -> str:
+    return mint(secret, job_id=job_id, ttl_s=ttl_s)
+
+
+def operator_token(*, ttl_s: float = 600, secret: str = SECRET) -> str:
+    return mint(secret, operator=True, ttl_s=ttl_s)
+
+
+def as_operator() -> dict[str, str]:
+    """Headers that open every route of a gateway with ``GATEWAY_JWT_SECRET=SECRETS``."""
+    return {"Authorization": f"Bearer {operator_token()}"}
 
 
 @dataclass
@@ -101,9 +122,9 @@ def running_gateway(
         process.wait(timeout=10)
 
 
-def wait_known(url: str, job_id: str) -> None:
+def wait_known(url: str, job_id: str, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + 20
-    while httpx.get(f"{url}/jobs/{job_id}").status_code == 404:
+    while httpx.get(f"{url}/jobs/{job_id}", headers=headers).status_code == 404:
         assert time.monotonic() < deadline, "the gateway never learned of the job"
         time.sleep(0.05)
 
