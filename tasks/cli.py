@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Run Celery beat. Other options go to `celery beat` as they are.",
     )
 
+    commands.add_parser(
+        "flower",
+        help="run Flower, only with credentials that close it (FLOWER_BASIC_AUTH)",
+        description="Run Flower (celery flower). It refuses to start (exit 5) unless "
+        "FLOWER_BASIC_AUTH holds user:password pairs with both parts non-empty. Other options "
+        "(--port=5555, --address=...) go to Flower as they are.",
+    )
+
     run = commands.add_parser(
         "run",
         help="enqueue one job and wait for its result",
@@ -149,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("worker", "beat"):
+    if extra and args.command not in ("worker", "beat", "flower"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args, extra)
@@ -206,6 +214,10 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
 
         app.start(["beat", "--loglevel", settings.log_level, *celery_args])
         return 0
+    if args.command == "flower":
+        from tasks.flower import run_flower
+
+        return run_flower(settings, celery_args)
     if args.command == "run":
         from tasks.client import RunRequest, run
 

@@ -144,6 +144,11 @@ class Settings(BaseSettings):
     # Origins whose pages may read the gateway's answers (CORS); none by default.
     gateway_allowed_origins: Annotated[list[str], NoDecode] = []
 
+    # Flower's own variables, read here so `refgen flower` can refuse to start without real
+    # credentials (tasks/flower.py); Flower reads them from the environment itself.
+    flower_basic_auth: SecretStr | None = None
+    flower_unauthenticated_api: bool = False
+
     # How long `refgen run` waits for a lost broker before it says so and exits.
     broker_grace_s: float = Field(default=30.0, ge=0)
 
@@ -219,10 +224,10 @@ class Settings(BaseSettings):
         try:
             parts.port  # noqa: B018 - parsing the port is the check
         except ValueError:
-            raise ValueError(f"has a port that is not a number: {value!r}") from None
+            raise ValueError(f"has a port that is not a number: {masked_url(value)!r}") from None
         if parts.scheme not in _REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
             raise ValueError(
-                f"must be a URL such as redis://localhost:6379/0, not {value!r} "
+                f"must be a URL such as redis://localhost:6379/0, not {masked_url(value)!r} "
                 f"(schemes: {', '.join(_REDIS_SCHEMES)})"
             )
         return value.strip()
@@ -347,10 +352,27 @@ class Settings(BaseSettings):
         ]
         values = [s.get_secret_value() for s in secrets if s is not None]
         values += self.gateway_jwt_secrets
+        if self.flower_basic_auth is not None:
+            credentials = self.flower_basic_auth.get_secret_value().split(",")
+            values += [p for c in credentials if (p := c.partition(":")[2].strip())]
         url_password = urlsplit(self.redis_url).password
         if not url_password:
             return values
         return [*values, url_password, unquote(url_password)]
+
+
+def masked_url(url: str) -> str:
+    """``url`` with the password of its user part (``//user:password@``) shown as ``****``:
+    what an error may print. Done on the text, since a URL in error may not parse."""
+    head, sep, rest = url.partition("//")
+    if not sep:
+        head, rest = "", url
+    # The last "@": a password typed unencoded may hold "@" or "/" itself.
+    at = rest.rfind("@")
+    if at < 0:
+        return url
+    user, colon, _ = rest[:at].partition(":")
+    return f"{head}{sep}{user}{':****' if colon else ''}{rest[at:]}"
 
 
 def _split_secrets(value: str) -> list[str]:
