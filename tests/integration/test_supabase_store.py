@@ -131,3 +131,34 @@ def test_retention_removes_old_objects_only(store, fake) -> None:
     left = sorted(o.name for o in fake.objects(c.DEFAULT_BUCKET))
     assert left == ["recent-orphan/scene_a.png", "recent-success/scene_a.png"]
     assert retention.purge().purged_jobs == []  # nothing due twice
+
+
+def test_the_service_key_never_follows_a_redirect_to_another_origin(fake, key) -> None:
+    """httpx drops only Authorization on a cross-origin redirect: a client that followed one
+    handed the service-role key (apiKey) to whatever server the redirect named."""
+    from tests.fakes._http import Fault
+
+    with FakeSupabaseStorage(service_key="sb-" + secrets.token_hex(16)) as elsewhere:
+        settings = Settings(
+            supabase_url=fake.url, supabase_service_key=key, generator_backend="local"
+        )
+        store = SupabaseImageStore.from_settings(settings)
+        for status in (301, 302, 307, 308):
+            fake.inject(
+                "*",
+                Fault(
+                    status=status,
+                    body=b"",
+                    headers={"Location": elsewhere.url + "/storage/v1/object/x"},
+                ),
+                times=3,
+            )
+            for call in (
+                lambda: store.put_png("job-1/scene_street.png", PNG),
+                lambda: store.exists("job-1/scene_street.png"),
+                lambda: store.signed_url("job-1/scene_street.png"),
+            ):
+                with pytest.raises(PermanentError) as caught:
+                    call()
+                assert "redirect" in caught.value.reason and key not in caught.value.reason
+        assert elsewhere.requests == []  # nothing, let alone the key, reached the other origin
