@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlsplit
 
+import jwt
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -334,6 +335,7 @@ class Settings(BaseSettings):
         if self.storage_backend == "local":
             return "local"
         if has_creds:
+            _check_service_role(self.supabase_service_key)
             return "supabase"
         if self.storage_backend == "supabase" or self.environment == "production":
             raise ConfigurationError(
@@ -359,6 +361,29 @@ class Settings(BaseSettings):
         if not url_password:
             return values
         return [*values, url_password, unquote(url_password)]
+
+
+def _check_service_role(key: SecretStr | None) -> None:
+    """Refuse a Supabase key whose ``role`` claim is not ``service_role``. With the anon key the
+    storage server hides every bucket and refuses every write (row-level security), so every
+    image would fail as a missing bucket and the retention purge would delete nothing. The
+    claim is read, not verified: only the server knows its secret. A key that is no JWT (the
+    newer ``sb_secret_...`` keys) names no role and is left to the server."""
+    if key is None:
+        return
+    value = key.get_secret_value()
+    if value.count(".") != 2:
+        return
+    try:
+        claims = jwt.decode(value, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return
+    role = claims.get("role")
+    if role is not None and role != "service_role":
+        raise ConfigurationError(
+            f"SUPABASE_SERVICE_KEY is a key with role {str(role)[:40]!r}, not the service_role "
+            "key (Project Settings → API → service_role): storage refuses it every write"
+        )
 
 
 def masked_url(url: str) -> str:

@@ -88,6 +88,10 @@ class SupabaseImageStore:
                 )
             )
             log.info("bucket_created", bucket=self._bucket_id)
+        except StoreRefusedError:
+            # The key may not create it (the anon key, say, where the bucket only looked
+            # missing): a refusal, never reported as a missing bucket.
+            raise
         except PermanentError:
             # Another worker created it first: fine, as long as it exists now.
             self._call(lambda: self._client.get_bucket(self._bucket_id))
