@@ -11,12 +11,16 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 from gateway.auth import mint
+from worker.events import EventPublisher, ImageCompleted, ImageStarted, StageFinished, StageStarted
+from worker.job_index import JobIndex
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = [
@@ -120,6 +124,41 @@ def running_gateway(
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def publish_one_image_job(client: redis.Redis, job_id: str, image_url: str) -> None:
+    """A finished one-image job's events, as a worker publishes them (no worker needed)."""
+    events = EventPublisher(client, JobIndex(client))
+    events.publish(job_id, StageStarted(total_images=1))
+    events.publish(
+        job_id,
+        ImageStarted(image_type="scene", image_id="forest", current_image=1, total_images=1),
+    )
+    events.publish(
+        job_id,
+        ImageCompleted(
+            image_type="scene",
+            image_id="forest",
+            image_url=image_url,
+            generation_time=1.0,
+            cost=Decimal("0.005"),
+            retry_count=0,
+            completed_images=1,
+            total_images=1,
+        ),
+    )
+    events.publish(
+        job_id,
+        StageFinished(
+            status="completed",
+            total_images=1,
+            successful_images=1,
+            failed_images=0,
+            total_cost=Decimal("0.005"),
+            total_time=1.0,
+            result_status="success",
+        ),
+    )
 
 
 def wait_known(url: str, job_id: str, headers: dict[str, str] | None = None) -> None:

@@ -26,14 +26,13 @@ from tests.integration.gatewaykit import (
     job_token,
     log_lines,
     operator_token,
+    publish_one_image_job,
     running_gateway,
     wait_known,
 )
 from worker import constants as c
 from worker.events import (
     EventPublisher,
-    ImageCompleted,
-    ImageStarted,
     StageFinished,
     StageStarted,
 )
@@ -336,37 +335,8 @@ def publish_file_link_job(redis_url: str) -> str:
     """A job as a worker without LOCAL_STORAGE_PUBLIC_URL announces it: file:// links."""
     job_id = str(uuid.uuid4())
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    events = EventPublisher(client, JobIndex(client))
-    events.publish(job_id, StageStarted(total_images=1))
-    events.publish(
-        job_id,
-        ImageStarted(image_type="scene", image_id="forest", current_image=1, total_images=1),
-    )
-    events.publish(
-        job_id,
-        ImageCompleted(
-            image_type="scene",
-            image_id="forest",
-            image_url=f"file:///srv/refgen/{job_id}/scene_forest.png?expires=1&signature=x",
-            generation_time=1.0,
-            cost=Decimal("0.005"),
-            retry_count=0,
-            completed_images=1,
-            total_images=1,
-        ),
-    )
-    events.publish(
-        job_id,
-        StageFinished(
-            status="completed",
-            total_images=1,
-            successful_images=1,
-            failed_images=0,
-            total_cost=Decimal("0.005"),
-            total_time=1.0,
-            result_status="success",
-        ),
-    )
+    link = f"file:///srv/refgen/{job_id}/scene_forest.png?expires=1&signature=x"
+    publish_one_image_job(client, job_id, link)
     client.close()
     return job_id
 

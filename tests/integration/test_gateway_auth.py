@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -32,10 +31,9 @@ from tests.integration.gatewaykit import (
     job_token,
     log_lines,
     operator_token,
+    publish_one_image_job,
     running_gateway,
 )
-from worker.events import EventPublisher, ImageCompleted, ImageStarted, StageFinished, StageStarted
-from worker.job_index import JobIndex
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 ANOTHER_SECRET = "not-this-gateways-secret-0123456"
@@ -48,39 +46,6 @@ class Door:
     log: Path
 
 
-def publish_job(client: redis.Redis, job_id: str) -> None:
-    events = EventPublisher(client, JobIndex(client))
-    events.publish(job_id, StageStarted(total_images=1))
-    events.publish(
-        job_id, ImageStarted(image_type="scene", image_id="forest", current_image=1, total_images=1)
-    )
-    events.publish(
-        job_id,
-        ImageCompleted(
-            image_type="scene",
-            image_id="forest",
-            image_url=f"https://storage.example/{job_id}/scene_forest.png?token=signed",
-            generation_time=1.0,
-            cost=Decimal("0.005"),
-            retry_count=0,
-            completed_images=1,
-            total_images=1,
-        ),
-    )
-    events.publish(
-        job_id,
-        StageFinished(
-            status="completed",
-            total_images=1,
-            successful_images=1,
-            failed_images=0,
-            total_cost=Decimal("0.005"),
-            total_time=1.0,
-            result_status="success",
-        ),
-    )
-
-
 @pytest.fixture(scope="module")
 def door(tmp_path_factory) -> Iterator[Door]:
     tmp = tmp_path_factory.mktemp("door")
@@ -88,7 +53,7 @@ def door(tmp_path_factory) -> Iterator[Door]:
         client = redis.Redis.from_url(broker.url)
         jobs = (str(uuid.uuid4()), str(uuid.uuid4()))
         for job in jobs:
-            publish_job(client, job)
+            publish_one_image_job(client, job, f"https://storage.example/{job}/scene_forest.png")
         client.close()
         env = base_worker_env(broker.url, tmp / "storage")
         env.update(ENVIRONMENT="production", GATEWAY_JWT_SECRET=SECRETS)
