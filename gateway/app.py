@@ -216,6 +216,8 @@ class Gateway:
             template("job.html")
             .replace("{{EVENTS_EXPIRED}}", "true" if expired else "false")
             .replace("{{STREAM_TOKEN}}", escape(minted(job_id)) if minted else "")
+            # With tokens, the index needs an operator's, which this page never holds.
+            .replace("{{ALL_JOBS_HIDDEN}}", " hidden" if minted else "")
             .replace("{{JOB_ID}}", escape(job_id))
         )
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})

@@ -108,6 +108,7 @@ def test_the_jobs_token_opens_its_page_and_its_whole_replay(door: Door) -> None:
     # The page hands its stream a token for this job alone, expiring with the one it was given.
     stream_token = page.text.split('data-stream-token="')[1].split('"')[0]
     assert stream_token
+    assert 'data-testid="all-jobs" hidden' in page.text  # the index is for operators
     with httpx.stream(
         "GET", f"{door.url}/jobs/{job}/events", params={"token": stream_token}, timeout=30
     ) as response:
