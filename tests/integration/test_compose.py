@@ -626,6 +626,7 @@ def test_the_build_context_holds_the_whole_package(tmp_path: Path) -> None:
         "gateway/app.py",
         "gateway/job.html",
         "gateway/index.html",
+        "gateway/static/job.js",
     ):
         assert required in built, f"{required} would be missing from the image"
     entry_points = next(out.glob("*.egg-info")) / "entry_points.txt"
