@@ -32,7 +32,10 @@ LEEWAY_S = 5
 OPERATOR_SCOPE = "operator"
 # A token longer than this is no token of ours: refused before it is parsed.
 _MAX_TOKEN_CHARS = 4096
-_OPEN = ("/healthz", "/static/", "/files/")
+# Open: the load balancers' check, and two prefixes whose routes take one file name (static)
+# or check a signature (files), so a path such as /static/../jobs/x reaches no job.
+_OPEN_PATHS = ("/healthz",)
+_OPEN_PREFIXES = ("/static/", "/files/")
 _JOB_PATH = re.compile(r"/jobs/([^/]*)(/events)?")
 _JOB_ID = re.compile(c.ID_PATTERN)
 
@@ -147,7 +150,8 @@ class RequireToken:
         self._verifier = verifier
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(_OPEN):
+        path = scope["path"] if scope["type"] == "http" else ""
+        if scope["type"] != "http" or path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES):
             await self._app(scope, receive, send)
             return
         try:

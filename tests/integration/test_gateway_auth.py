@@ -6,6 +6,7 @@ tried from outside: no token, another job's, an expired one, one signed with ano
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import subprocess
 import sys
@@ -98,6 +99,20 @@ def test_without_the_right_token_neither_page_nor_stream_opens(door: Door) -> No
         assert httpx.get(f"{door.url}{path}", params={"token": job_token(job)}).status_code == 403
     # Load balancers need no token.
     assert httpx.get(f"{door.url}/healthz").json() == {"ok": True}
+    # The open prefixes lead to no job, dot segments or not (http.client sends them raw).
+    host, port = door.url.removeprefix("http://").split(":")
+    for raw in (
+        f"/static/../jobs/{job}",
+        f"/files/../jobs/{job}/events",
+        f"/healthz/../jobs/{job}",
+    ):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.request("GET", raw)
+        reply = connection.getresponse()
+        body = reply.read()
+        connection.close()
+        assert reply.status in (401, 403, 404), (raw, reply.status)
+        assert b"forest" not in body and b"stream-token" not in body
 
 
 def test_the_jobs_token_opens_its_page_and_its_whole_replay(door: Door) -> None:
