@@ -1,8 +1,9 @@
 """One access-log line per request, through structlog (JSON with ``LOG_FORMAT=json``).
 
 The line holds the path without its query string: signed links carry their signature there,
-and a log is no place for a credential. A streamed response is logged when it ends, so its
-duration is the stream's.
+and tokens theirs (``?token=``), and a log is no place for a credential. A path longer than
+``MAX_PATH_CHARS`` is cut, so a client cannot write 100 KB lines. A streamed response is
+logged when it ends, so its duration is the stream's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = structlog.get_logger("gateway.access")
+MAX_PATH_CHARS = 256
+
+
+def shown_path(path: str) -> str:
+    if len(path) <= MAX_PATH_CHARS:
+        return path
+    return f"{path[:MAX_PATH_CHARS]}…(+{len(path) - MAX_PATH_CHARS} chars)"
 
 
 class AccessLog:
@@ -42,7 +50,7 @@ class AccessLog:
             log.info(
                 "http_request",
                 method=scope["method"],
-                path=scope["path"],
+                path=shown_path(scope["path"]),
                 status=status,
                 duration_ms=round((time.perf_counter() - started) * 1000, 1),
                 bytes=sent,

@@ -10,6 +10,10 @@
 - ``GET /files/{path}``: the local store's images, behind expiring signed links.
 - ``GET /metrics``: Prometheus: per job (``worker.metrics``) and the broker's backlog
   (``worker.backlog``); ``GET /healthz``.
+- ``GET /static/{name}``: the pages' scripts and styles (the CSP allows no inline ones).
+
+Who may see what is ``gateway/auth.py`` (tokens, checked before routing); the headers on every
+answer are ``gateway/headers.py``.
 
 With Redis away, every route that needs it answers 503 with a message (a page for a browser,
 JSON otherwise) and logs one line, no traceback; an open event stream waits for Redis and
@@ -19,6 +23,7 @@ carries on.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import redis
 import redis.asyncio as aioredis
@@ -33,13 +38,16 @@ from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from gateway.access import AccessLog
-from gateway.pages import escape, index_page, load_templates, template, unavailable_page
+from gateway.auth import RequireToken, Verifier, grant_of
+from gateway.headers import SecurityHeaders, origin_of
+from gateway.pages import STATIC, escape, index_page, load_templates, template, unavailable_page
 from gateway.stream import JobEventStream, is_stream_id, stream_client
 from worker import constants as c
 from worker.backlog import BacklogCollector
@@ -106,8 +114,10 @@ class Gateway:
         client: aioredis.Redis,
         streams: aioredis.Redis,
         metrics_client: redis.Redis,
+        verifier: Verifier | None = None,
     ) -> None:
         self._settings = settings
+        self._verifier = verifier
         self._redis = client
         self._streams = streams
         self._store = LocalImageStore(settings.local_storage_dir, settings.storage_bucket)
@@ -130,15 +140,29 @@ class Gateway:
         )
         return bool(found)
 
-    async def index(self, _: Request) -> Response:
-        ids = [str(i) for i in await self._redis.zrevrange(c.JOB_INDEX, 0, _INDEX_ROWS - 1)]
+    def _job_token(self, request: Request) -> Callable[[str], str] | None:
+        """Mints a token for one job, expiring with the request's own: what a page hands on
+        (a link, its stream) instead of the token it was given. None when tokens are off."""
+        grant = grant_of(request.scope)
+        verifier = self._verifier
+        if grant is None or verifier is None:
+            return None
+        return lambda job_id: verifier.mint_for_job(job_id, grant.expires)
+
+    async def index(self, request: Request) -> Response:
+        ids = [
+            str(i)
+            for i in await self._redis.zrevrange(c.JOB_INDEX, 0, _INDEX_ROWS - 1)
+            if _JOB_ID.fullmatch(str(i))  # older versions indexed refused ids of any shape
+        ]
         raws = await self._redis.hmget(c.JOB_INDEX_SUMMARIES, ids) if ids else []
         jobs = [
             summary
             for job_id, raw in zip(ids, raws, strict=True)
             if (summary := JobSummary.parse(job_id, None if raw is None else str(raw)))
         ]
-        return HTMLResponse(index_page(jobs), headers={"Cache-Control": "no-store"})
+        page = index_page(jobs, link_token=self._job_token(request))
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     async def events(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -187,8 +211,26 @@ class Gateway:
         if not await self._known(job_id):
             return HTMLResponse(f"<h1>Unknown job</h1><p>{escape(job_id)}</p>", status_code=404)
         expired = await self._events_expired(job_id)
-        html = template("job.html").replace("{{EVENTS_EXPIRED}}", "true" if expired else "false")
-        return HTMLResponse(html.replace("{{JOB_ID}}", escape(job_id)))
+        minted = self._job_token(request)
+        html = (
+            template("job.html")
+            .replace("{{EVENTS_EXPIRED}}", "true" if expired else "false")
+            .replace("{{STREAM_TOKEN}}", escape(minted(job_id)) if minted else "")
+            # With tokens, the index needs an operator's, which this page never holds.
+            .replace("{{ALL_JOBS_HIDDEN}}", " hidden" if minted else "")
+            .replace("{{JOB_ID}}", escape(job_id))
+        )
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC:
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        return Response(
+            template(f"static/{name}"),
+            media_type=STATIC[name],
+            headers={"Cache-Control": "public, max-age=300"},
+        )
 
     async def file(self, request: Request) -> Response:
         path = request.path_params["path"]
@@ -253,15 +295,37 @@ def create_app(
     sync_client: redis.Redis | None = None,
 ) -> Starlette:
     """The gateway's ASGI app; its Redis clients are built here unless handed in. Raises
-    ``InstallationError`` when a page it serves is missing from the installation."""
+    ``InstallationError`` when a page it serves is missing from the installation, and
+    ``ConfigurationError`` for a production gateway without a token secret (fails closed)."""
     load_templates()
+    verifier = (
+        Verifier(settings.gateway_jwt_secrets) if settings.gateway_requires_tokens() else None
+    )
     gateway = Gateway(
         settings,
         client or request_client(settings.redis_endpoint()),
         streams or stream_client(settings.redis_endpoint()),
         sync_client or metrics_client(settings.redis_endpoint()),
+        verifier,
     )
-    return Starlette(
+    # Outermost first. Tokens are checked before routing: a refused request reaches no
+    # handler, no Redis call and no stream. CORS answers preflights (which carry no token).
+    middleware = [
+        Middleware(AccessLog),
+        Middleware(SecurityHeaders, image_origins=origin_of(settings.local_storage_public_url)),
+    ]
+    if settings.gateway_allowed_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.gateway_allowed_origins,
+                allow_methods=["GET"],
+                allow_headers=["Authorization", "Last-Event-ID"],
+            )
+        )
+    if verifier is not None:
+        middleware.append(Middleware(RequireToken, verifier=verifier))
+    app = Starlette(
         routes=[
             Route("/", gateway.index),
             Route("/healthz", gateway.healthz),
@@ -269,10 +333,14 @@ def create_app(
             Route("/jobs/{job_id}", gateway.page),
             Route("/jobs/{job_id}/events", gateway.events),
             Route("/files/{path:path}", gateway.file),
+            Route("/static/{name}", gateway.static),
         ],
-        middleware=[Middleware(AccessLog)],
+        middleware=middleware,
         exception_handlers={
             redis.ConnectionError: _redis_unavailable,
             redis.TimeoutError: _redis_unavailable,
         },
     )
+    # Its redirect would be built from the Host header: SecurityHeaders redirects instead.
+    app.router.redirect_slashes = False
+    return app

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
+from urllib.parse import quote
 
 from worker import constants as c
 from worker.errors import InstallationError
 from worker.job_index import JobSummary
 
 TEMPLATES = ("index.html", "job.html")
+# The pages' scripts and styles, served from /static/: the CSP allows no inline ones.
+STATIC = {"job.js": "text/javascript", "job.css": "text/css", "index.css": "text/css"}
 
 _LABELS = {
     "running": "running",
@@ -33,9 +37,15 @@ def escape(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def index_page(jobs: list[JobSummary], now: float | None = None) -> str:
+def index_page(
+    jobs: list[JobSummary],
+    now: float | None = None,
+    link_token: Callable[[str], str] | None = None,
+) -> str:
+    """``link_token`` gives each job's link a token for that job alone (tokens on): the
+    operator's own token is never copied into a link."""
     now = time.time() if now is None else now
-    rows = "\n".join(_row(job, now) for job in jobs) or (
+    rows = "\n".join(_row(job, now, link_token) for job in jobs) or (
         '<tr><td colspan="6" class="empty" data-testid="no-jobs">No jobs in the last '
         f"{c.JOB_INDEX_TTL_S // 3600} hours.</td></tr>"
     )
@@ -59,10 +69,15 @@ def template(name: str) -> str:
 def load_templates() -> None:
     for name in TEMPLATES:
         template(name)
+    for name in STATIC:
+        template(f"static/{name}")
 
 
-def _row(job: JobSummary, now: float) -> str:
+def _row(job: JobSummary, now: float, link_token: Callable[[str], str] | None) -> str:
     job_id = escape(job.job_id)
+    link = f"/jobs/{job_id}"
+    if link_token is not None:
+        link += "?token=" + escape(quote(link_token(job.job_id), safe=""))
     status = escape(job.status)
     label = escape(_LABELS.get(job.status, job.status))
     if job.total_images is None or job.status in ("refused", "invalid"):
@@ -75,7 +90,7 @@ def _row(job: JobSummary, now: float) -> str:
     took = f"{job.total_time:g} s" if job.total_time is not None else "–"
     return (
         f'<tr data-testid="job" data-job-id="{job_id}" data-status="{status}">'
-        f'<td><a href="/jobs/{job_id}">{job_id}</a></td>'
+        f'<td><a href="{link}">{job_id}</a></td>'
         f'<td><span class="status {status}">{label}</span></td>'
         f'<td class="num" data-testid="images">{images}</td>'
         f'<td class="num" data-testid="cost">{cost}</td>'

@@ -68,6 +68,14 @@ def setup_logging(settings: Settings) -> None:
 
 def serve(settings: Settings, *, host: str, port: int) -> None:
     setup_logging(settings)
+    if not settings.gateway_requires_tokens():  # raises for production without a secret
+        # Said at every start: anyone who reaches this port sees every job.
+        # Info, not warning: development without tokens is the expected case (make demo).
+        log.info(
+            "gateway_without_tokens",
+            reason="GATEWAY_AUTH=off" if settings.gateway_auth == "off" else "development",
+            fix="set GATEWAY_JWT_SECRET (README: Security)",
+        )
     config = uvicorn.Config(
         create_app(settings),
         host=host,

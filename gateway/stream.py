@@ -42,12 +42,16 @@ STREAM_SOCKET_TIMEOUT_S = STREAM_BLOCK_S + 10.0
 _READ_BATCH = 100
 # Backoff while Redis is away: 0.1 s doubling up to 2 s, for as long as the client listens.
 _BACKOFF = wait_exponential(multiplier=0.1, min=0.1, max=2.0)
-_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+# ASCII digits only (``\d`` would take any script's digits, which Redis refuses mid-stream).
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_MAX_ID_PART = 2**64 - 1  # each part of a stream id is an unsigned 64-bit integer
 
 
 def is_stream_id(text: str) -> bool:
-    """A Redis Stream entry id, as this gateway sends them (``1700000000000-0``)."""
-    return _STREAM_ID.fullmatch(text) is not None
+    """A Redis Stream entry id, as this gateway sends them (``1700000000000-0``), in the range
+    Redis accepts: anything else would pass here and fail inside the open stream."""
+    parts = _STREAM_ID.fullmatch(text)
+    return parts is not None and all(int(part) <= _MAX_ID_PART for part in parts.groups())
 
 
 def is_final(message: dict[str, Any]) -> bool:

@@ -7,12 +7,16 @@ import re
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from tasks import exit_codes as ex
 from worker import constants as c
 from worker.errors import ConfigurationError, InstallationError
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 
 def _job_id(value: str) -> str:
@@ -34,6 +38,16 @@ def _any_job_id(value: str) -> str:
     return value
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: str) -> float:
+    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)", value.strip())
+    if not found or float(found[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{value[:40]!r} is not a duration such as 90s or 15m")
+    return float(found[1]) * _UNITS[found[2] or "s"]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refgen", description="Reference-image worker of the music-video pipeline."
@@ -52,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
         "beat",
         help="run Celery beat: the hourly retention purge",
         description="Run Celery beat. Other options go to `celery beat` as they are.",
+    )
+
+    commands.add_parser(
+        "flower",
+        help="run Flower, only with credentials that close it (FLOWER_BASIC_AUTH)",
+        description="Run Flower (celery flower). It refuses to start (exit 5) unless "
+        "FLOWER_BASIC_AUTH holds user:password pairs with both parts non-empty. Other options "
+        "(--port=5555, --address=...) go to Flower as they are.",
     )
 
     run = commands.add_parser(
@@ -111,6 +133,22 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     gateway.add_argument("--port", type=int, default=8000, help="port (default 8000)")
 
+    token = commands.add_parser(
+        "token",
+        help="print a gateway token for a job's page and stream, or an operator's",
+        description="Print a JWT signed with the first secret of GATEWAY_JWT_SECRET: for one "
+        "job (its page and stream), or with --operator for every job, the index and /metrics.",
+    )
+    token.add_argument("job_id", nargs="?", type=_any_job_id, help="the job's id")
+    token.add_argument(
+        "--ttl",
+        type=_duration,
+        default=15 * 60,
+        metavar="15m",
+        help="how long the token is valid: seconds, or 90s, 15m, 12h, 7d (default 15m)",
+    )
+    token.add_argument("--operator", action="store_true", help="an operator's token")
+
     demo = commands.add_parser("demo", help="a sample plan end to end on the local backends")
     demo.add_argument("--plan", type=Path, default=None, help="another plan to run")
     return parser
@@ -119,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("worker", "beat"):
+    if extra and args.command not in ("worker", "beat", "flower"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args, extra)
@@ -176,6 +214,10 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
 
         app.start(["beat", "--loglevel", settings.log_level, *celery_args])
         return 0
+    if args.command == "flower":
+        from tasks.flower import run_flower
+
+        return run_flower(settings, celery_args)
     if args.command == "run":
         from tasks.client import RunRequest, run
 
@@ -186,6 +228,8 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
         from tasks.cancel_command import cancel
 
         return cancel(args.job_id, args.reason, args.timeout, settings)
+    if args.command == "token":
+        return _print_token(args, settings)
     if args.command == "gateway":
         from gateway.server import serve
 
@@ -194,6 +238,25 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
     from tasks.demo import DEFAULT_PLAN, demo
 
     return demo(args.plan or DEFAULT_PLAN)
+
+
+def _print_token(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.auth import mint
+
+    if (args.job_id is None) == (not args.operator):
+        print("refgen token: give a job id, or --operator (not both)", file=sys.stderr)
+        return ex.INVALID
+    if not settings.gateway_jwt_secrets:
+        raise ConfigurationError("GATEWAY_JWT_SECRET is not set: there is nothing to sign with")
+    print(
+        mint(
+            settings.gateway_jwt_secrets[0],
+            job_id=args.job_id,
+            operator=args.operator,
+            ttl_s=args.ttl,
+        )
+    )
+    return ex.RESULT
 
 
 if __name__ == "__main__":

@@ -24,9 +24,15 @@ class RedisServer:
     restart, which the broker-restart tests need."""
 
     def __init__(
-        self, port: int | None = None, *, appendonly: bool = False, data_dir: Path | None = None
+        self,
+        port: int | None = None,
+        *,
+        appendonly: bool = False,
+        data_dir: Path | None = None,
+        password: str | None = None,
     ) -> None:
         self.port = port or free_port()
+        self.password = password  # requirepass, as compose's Redis has one
         self.appendonly = appendonly
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="refgen-redis-"))
@@ -34,7 +40,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -57,11 +64,12 @@ class RedisServer:
                 "always",
                 "--dir",
                 str(self.data_dir),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from tasks.app import app, services
 from tasks.backend import ImageNotMade
 from tasks.recovery import abandoned_as_ignored, finalize_and_store, hand_to_retry
+from worker import admission
 from worker import constants as c
 from worker.cancel import JobCanceller
 from worker.crashpoints import crash_point
@@ -123,6 +124,10 @@ def priority(level: int) -> dict[str, int]:
 )
 def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
     image = ImageSpec.model_validate(spec)
+    with abandoned_as_ignored(self):
+        refused = admission.refusal(services().jobs, image)
+    if refused is not None:
+        raise ImageNotMade(refused.reason or "Refused", refused.model_dump(mode="json"))
     with abandoned_as_ignored(self):
         step = ImagePipeline(services()).run(image, attempt=self.request.retries)
         if isinstance(step, RetryIn):

@@ -10,6 +10,7 @@ bounded both ways (``JOB_INDEX_MAX_ENTRIES`` jobs, none first seen longer ago th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from worker import constants as c
 from worker.scripts import register
 
 log = structlog.get_logger(__name__)
+_JOB_ID = re.compile(c.ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,11 @@ class JobIndex:
         self._note = register(client, "note_job")
 
     def note_stage(self, job_id: str, data: dict[str, Any]) -> None:
-        """Note a ``stage_update``'s data: ``started`` opens the row, the others close it."""
+        """Note a ``stage_update``'s data: ``started`` opens the row, the others close it. A
+        refused plan's id can be anything printable: only an id that can be a job's is noted."""
+        if not _JOB_ID.fullmatch(job_id):
+            log.info("job_index_skipped", reason="not a job id", job_id=job_id[:80])
+            return
         if data.get("status") == "started":
             fields: dict[str, Any] = {
                 "status": "running",

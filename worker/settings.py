@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlsplit
 
+import jwt
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -134,6 +135,20 @@ class Settings(BaseSettings):
 
     # Comment lines an idle SSE stream sends to keep proxies from closing it.
     gateway_keepalive_s: float = Field(default=15.0, gt=0)
+    # The gateway's tokens (gateway/auth.py): HS256 secrets, comma-separated. The first signs,
+    # every one verifies, so a new secret goes first and the old one stays until its tokens
+    # have expired (README: Security).
+    gateway_jwt_secret: SecretStr | None = None
+    # "off": no tokens asked, for a gateway on a private network only (production refuses to
+    # start without a secret otherwise). "on": tokens even in development.
+    gateway_auth: Literal["on", "off"] | None = None
+    # Origins whose pages may read the gateway's answers (CORS); none by default.
+    gateway_allowed_origins: Annotated[list[str], NoDecode] = []
+
+    # Flower's own variables, read here so `refgen flower` can refuse to start without real
+    # credentials (tasks/flower.py); Flower reads them from the environment itself.
+    flower_basic_auth: SecretStr | None = None
+    flower_unauthenticated_api: bool = False
 
     # How long `refgen run` waits for a lost broker before it says so and exits.
     broker_grace_s: float = Field(default=30.0, ge=0)
@@ -144,6 +159,7 @@ class Settings(BaseSettings):
     _csv = field_validator(
         "redis_sentinels",
         "reference_gen_queues",
+        "gateway_allowed_origins",
         "local_generator_fail_ids",
         "local_generator_flaky_ids",
         "local_generator_reject_ids",
@@ -160,6 +176,33 @@ class Settings(BaseSettings):
     def _refuse_placeholder_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and _is_placeholder(value.get_secret_value()):
             raise ValueError("looks like a placeholder; set the real secret or leave it unset")
+        return value
+
+    @field_validator("gateway_jwt_secret")
+    @classmethod
+    def _jwt_secrets_are_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secrets = _split_secrets(value.get_secret_value())
+        if not secrets or len(secrets) > 2:
+            raise ValueError("must be one secret, or two separated by a comma (new,old)")
+        for secret in secrets:
+            if _is_placeholder(secret):
+                raise ValueError("looks like a placeholder; set the real secret or leave it unset")
+            # RFC 7518 §3.2: an HS256 key at least as long as the hash (32 bytes).
+            if len(secret.encode()) < 32:
+                raise ValueError(
+                    "each secret must be at least 32 characters (e.g. `openssl rand -hex 32`)"
+                )
+        return value
+
+    @field_validator("gateway_allowed_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+                raise ValueError(f"must be origins such as https://app.example, not {origin!r}")
         return value
 
     @model_validator(mode="before")
@@ -182,10 +225,10 @@ class Settings(BaseSettings):
         try:
             parts.port  # noqa: B018 - parsing the port is the check
         except ValueError:
-            raise ValueError(f"has a port that is not a number: {value!r}") from None
+            raise ValueError(f"has a port that is not a number: {masked_url(value)!r}") from None
         if parts.scheme not in _REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
             raise ValueError(
-                f"must be a URL such as redis://localhost:6379/0, not {value!r} "
+                f"must be a URL such as redis://localhost:6379/0, not {masked_url(value)!r} "
                 f"(schemes: {', '.join(_REDIS_SCHEMES)})"
             )
         return value.strip()
@@ -232,6 +275,29 @@ class Settings(BaseSettings):
             return self.redis_wait_replicas
         return 1 if self.redis_sentinels else 0
 
+    @property
+    def gateway_jwt_secrets(self) -> list[str]:
+        """The gateway's secrets, the signing one first; empty when none is set."""
+        if self.gateway_jwt_secret is None:
+            return []
+        return _split_secrets(self.gateway_jwt_secret.get_secret_value())
+
+    def gateway_requires_tokens(self) -> bool:
+        """Whether the gateway asks for tokens. Raises ``ConfigurationError`` for a production
+        gateway left without a secret: it fails closed unless told the network is private."""
+        if self.gateway_auth == "off":
+            return False
+        if self.gateway_jwt_secrets:
+            return True
+        if self.gateway_auth == "on" or self.environment == "production":
+            raise ConfigurationError(
+                "GATEWAY_JWT_SECRET is required"
+                + (" in production" if self.environment == "production" else "")
+                + " (at least 32 random characters, e.g. `openssl rand -hex 32`); "
+                "GATEWAY_AUTH=off serves without tokens, on a private network only"
+            )
+        return False
+
     def check_backends(self) -> None:
         """Raise ``ConfigurationError`` unless the backends this process will use can work.
 
@@ -269,6 +335,7 @@ class Settings(BaseSettings):
         if self.storage_backend == "local":
             return "local"
         if has_creds:
+            _check_service_role(self.supabase_service_key)
             return "supabase"
         if self.storage_backend == "supabase" or self.environment == "production":
             raise ConfigurationError(
@@ -286,10 +353,55 @@ class Settings(BaseSettings):
             self.redis_sentinel_password,
         ]
         values = [s.get_secret_value() for s in secrets if s is not None]
+        values += self.gateway_jwt_secrets
+        if self.flower_basic_auth is not None:
+            credentials = self.flower_basic_auth.get_secret_value().split(",")
+            values += [p for c in credentials if (p := c.partition(":")[2].strip())]
         url_password = urlsplit(self.redis_url).password
         if not url_password:
             return values
         return [*values, url_password, unquote(url_password)]
+
+
+def _check_service_role(key: SecretStr | None) -> None:
+    """Refuse a Supabase key whose ``role`` claim is not ``service_role``. With the anon key the
+    storage server hides every bucket and refuses every write (row-level security), so every
+    image would fail as a missing bucket and the retention purge would delete nothing. The
+    claim is read, not verified: only the server knows its secret. A key that is no JWT (the
+    newer ``sb_secret_...`` keys) names no role and is left to the server."""
+    if key is None:
+        return
+    value = key.get_secret_value()
+    if value.count(".") != 2:
+        return
+    try:
+        claims = jwt.decode(value, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return
+    role = claims.get("role")
+    if role is not None and role != "service_role":
+        raise ConfigurationError(
+            f"SUPABASE_SERVICE_KEY is a key with role {str(role)[:40]!r}, not the service_role "
+            "key (Project Settings → API → service_role): storage refuses it every write"
+        )
+
+
+def masked_url(url: str) -> str:
+    """``url`` with the password of its user part (``//user:password@``) shown as ``****``:
+    what an error may print. Done on the text, since a URL in error may not parse."""
+    head, sep, rest = url.partition("//")
+    if not sep:
+        head, rest = "", url
+    # The last "@": a password typed unencoded may hold "@" or "/" itself.
+    at = rest.rfind("@")
+    if at < 0:
+        return url
+    user, colon, _ = rest[:at].partition(":")
+    return f"{head}{sep}{user}{':****' if colon else ''}{rest[at:]}"
+
+
+def _split_secrets(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _secret(value: SecretStr | None) -> str | None:

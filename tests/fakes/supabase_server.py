@@ -102,14 +102,18 @@ class FakeSupabaseStorage(FakeHTTPServer):
         self,
         *,
         service_key: str = "fake-service-role-key",
-        extra_keys: tuple[str, ...] = (),  # further accepted apikey/Bearer values (anon key...)
+        extra_keys: tuple[str, ...] = (),  # further accepted apikey/Bearer values
+        # The project's anon key: accepted, but row-level security hides every bucket from it
+        # and refuses its writes, as the real server does.
+        anon_key: str | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         max_file_size: int = 50 * 1024 * 1024,  # project-wide limit (Supabase free tier)
     ) -> None:
         super().__init__(host=host, port=port)
         self.service_key = service_key
-        self.accepted_keys = {service_key, *extra_keys}
+        self.anon_key = anon_key
+        self.accepted_keys = {service_key, *extra_keys, *([anon_key] if anon_key else [])}
         self.max_file_size = max_file_size
         self.jwt_secret = secrets.token_bytes(32)
         self.clock_offset = 0.0  # seconds added to "now": token expiry and new timestamps
@@ -264,9 +268,15 @@ class FakeSupabaseStorage(FakeHTTPServer):
             return access_denied("invalid signature")
         return None
 
+    def _is_anon(self, req: RecordedRequest) -> bool:
+        token = req.headers.get("authorization", "").partition(" ")[2].strip()
+        return self.anon_key is not None and token == self.anon_key
+
     def _bucket(self, req: RecordedRequest, m: re.Match[str]) -> Bucket | Response:
         if err := self._auth(req):
             return err
+        if self._is_anon(req):
+            return no_bucket()  # row-level security hides it
         with self._lock:
             return self._buckets.get(unquote(m["bucket"])) or no_bucket()
 
@@ -274,7 +284,11 @@ class FakeSupabaseStorage(FakeHTTPServer):
         self, req: RecordedRequest, m: re.Match[str], auth: bool = True
     ) -> StoredObject | Response:
         if auth and (err := self._auth(req)):
-            return err
+            # The real server falls back to the anon role on the info and download routes:
+            # a refused key reads as a missing bucket there.
+            return no_bucket() if _refused_key(err) else err
+        if auth and self._is_anon(req):
+            return no_key()
         bucket, key = _key(m)
         with self._lock:
             if bucket not in self._buckets:
@@ -289,6 +303,8 @@ class FakeSupabaseStorage(FakeHTTPServer):
     def _create_bucket(self, req: RecordedRequest, m: re.Match[str]) -> Response:
         if err := self._auth(req):
             return err
+        if self._is_anon(req):
+            return row_level_security()
         body = req.json() or {}
         bucket_id = body.get("id") or body.get("name")
         if not isinstance(bucket_id, str) or not re.fullmatch(
@@ -335,6 +351,8 @@ class FakeSupabaseStorage(FakeHTTPServer):
         return json_response(200, {"message": "Successfully emptied"})
 
     def _upload(self, req: RecordedRequest, m: re.Match[str]) -> Response:
+        if not self._auth(req) and self._is_anon(req):
+            return row_level_security()
         bucket = self._bucket(req, m)
         if isinstance(bucket, Response):
             return bucket
@@ -416,12 +434,16 @@ class FakeSupabaseStorage(FakeHTTPServer):
         return self._serve(self._find(req, m, auth=False), req.query.get("download"))
 
     def _list(self, req: RecordedRequest, m: re.Match[str]) -> Response:
+        if not self._auth(req) and self._is_anon(req):
+            return json_response(200, [])  # sees no object, says nothing
         bucket = self._bucket(req, m)
         if isinstance(bucket, Response):
             return bucket
         return json_response(200, list_folder(self.objects(bucket.id), req.json() or {}))
 
     def _remove(self, req: RecordedRequest, m: re.Match[str]) -> Response:
+        if not self._auth(req) and self._is_anon(req):
+            return json_response(200, [])  # deletes nothing, says nothing
         bucket = self._bucket(req, m)
         if isinstance(bucket, Response):
             return bucket
@@ -434,3 +456,13 @@ class FakeSupabaseStorage(FakeHTTPServer):
                 if obj := self._objects.pop((bucket.id, name), None):
                     deleted.append({"bucket_id": obj.bucket, "owner": "", **obj.row()})
         return json_response(200, deleted)
+
+
+def row_level_security() -> Response:
+    return storage_error(
+        "403", "Unauthorized", "Unauthorized", "new row violates row-level security policy"
+    )
+
+
+def _refused_key(response: Response) -> bool:
+    return b'"AccessDenied"' in (response.body or b"")

@@ -11,10 +11,16 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
+
+from gateway.auth import mint
+from worker.events import EventPublisher, ImageCompleted, ImageStarted, StageFinished, StageStarted
+from worker.job_index import JobIndex
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = [
@@ -26,6 +32,25 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+# The test gateways' token secrets (GATEWAY_JWT_SECRET="new,old"): 32 characters each.
+SECRET = "test-only-gateway-secret-0123456"
+OLD_SECRET = "test-only-previous-secret-012345"
+SECRETS = f"{SECRET},{OLD_SECRET}"
+
+
+def job_token(job_id: str, *, ttl_s: float = 600, secret: str = SECRET) -> str:
+    return mint(secret, job_id=job_id, ttl_s=ttl_s)
+
+
+def operator_token(*, ttl_s: float = 600, secret: str = SECRET) -> str:
+    return mint(secret, operator=True, ttl_s=ttl_s)
+
+
+def as_operator() -> dict[str, str]:
+    """Headers that open every route of a gateway with ``GATEWAY_JWT_SECRET=SECRETS``."""
+    return {"Authorization": f"Bearer {operator_token()}"}
 
 
 @dataclass
@@ -101,9 +126,44 @@ def running_gateway(
         process.wait(timeout=10)
 
 
-def wait_known(url: str, job_id: str) -> None:
+def publish_one_image_job(client: redis.Redis, job_id: str, image_url: str) -> None:
+    """A finished one-image job's events, as a worker publishes them (no worker needed)."""
+    events = EventPublisher(client, JobIndex(client))
+    events.publish(job_id, StageStarted(total_images=1))
+    events.publish(
+        job_id,
+        ImageStarted(image_type="scene", image_id="forest", current_image=1, total_images=1),
+    )
+    events.publish(
+        job_id,
+        ImageCompleted(
+            image_type="scene",
+            image_id="forest",
+            image_url=image_url,
+            generation_time=1.0,
+            cost=Decimal("0.005"),
+            retry_count=0,
+            completed_images=1,
+            total_images=1,
+        ),
+    )
+    events.publish(
+        job_id,
+        StageFinished(
+            status="completed",
+            total_images=1,
+            successful_images=1,
+            failed_images=0,
+            total_cost=Decimal("0.005"),
+            total_time=1.0,
+            result_status="success",
+        ),
+    )
+
+
+def wait_known(url: str, job_id: str, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + 20
-    while httpx.get(f"{url}/jobs/{job_id}").status_code == 404:
+    while httpx.get(f"{url}/jobs/{job_id}", headers=headers).status_code == 404:
         assert time.monotonic() < deadline, "the gateway never learned of the job"
         time.sleep(0.05)
 

@@ -174,10 +174,10 @@ def test_every_service_has_a_healthcheck_and_a_restart_policy(name: str) -> None
 
 def test_redis_keeps_an_append_only_file_on_a_volume() -> None:
     redis = service("redis")
-    command = redis["command"]
+    command = shlex.split(redis["command"][-1])
     assert command[command.index("--appendonly") + 1] == "yes"
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
-    assert redis["healthcheck"]["test"][1:] == ["redis-cli", "ping"]
+    assert redis["healthcheck"]["test"][1:] == ["redis-cli", "-e", "ping"]
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -203,7 +203,10 @@ BACKEND_SETTINGS = {
     "GENERATOR_BACKEND",
     "STORAGE_BACKEND",
 }
+# What compose requires of every host: Redis's password (REDIS_PASSWORD, `:?`).
+REQUIRED = {"REDIS_PASSWORD": "test-only-redis-password"}
 HOST_SECRETS = {
+    **REQUIRED,
     "REPLICATE_API_TOKEN": "r8_made_up_for_this_test_0123456789",
     "SUPABASE_URL": "https://project.supabase.co",
     "SUPABASE_SERVICE_KEY": "service-key-made-up-for-this-test",
@@ -212,7 +215,14 @@ HOST_SECRETS = {
 
 def test_every_service_shares_the_base_environment() -> None:
     base = COMPOSE["x-refgen-env"]
-    assert set(base) == {"REDIS_URL", "ENVIRONMENT", "JOB_STATE_TTL_S", "LOG_LEVEL", "LOG_FORMAT"}
+    assert set(base) == {
+        "REDIS_URL",
+        "REDIS_PASSWORD",
+        "ENVIRONMENT",
+        "JOB_STATE_TTL_S",
+        "LOG_LEVEL",
+        "LOG_FORMAT",
+    }
     for name in APP_SERVICES:
         env = environment(name)
         assert {k: env.get(k) for k in base} == base, name
@@ -227,7 +237,8 @@ def test_the_backends_and_their_secrets_go_to_the_worker_alone() -> None:
     for name in sorted(set(APP_SERVICES) - {"worker"}):
         env = container_env(name, HOST_SECRETS)
         assert not BACKEND_SETTINGS & set(env), name
-        assert not any(value in env.values() for value in HOST_SECRETS.values()), name
+        leaked = {k: v for k, v in HOST_SECRETS.items() if k not in REQUIRED}
+        assert not any(value in env.values() for value in leaked.values()), name
 
 
 def test_no_secret_is_written_in_the_file() -> None:
@@ -252,16 +263,27 @@ def test_no_secret_is_written_in_the_file() -> None:
 def test_an_unset_secret_stays_unset_instead_of_empty() -> None:
     """An empty REPLICATE_API_TOKEN is refused at start-up as a placeholder, so the backends'
     credentials are passed through by name: unset on the host, unset in the container."""
-    env = container_env("worker", {})
+    env = container_env("worker", REQUIRED)
     for key in ("REPLICATE_API_TOKEN", "SUPABASE_SERVICE_KEY", "SUPABASE_URL"):
         assert key not in env, f"worker: {key}={env.get(key)!r} with nothing set on the host"
-    assert container_env("worker", {"REPLICATE_API_TOKEN": "r8_x"})["REPLICATE_API_TOKEN"] == "r8_x"
+    host = {**REQUIRED, "REPLICATE_API_TOKEN": "r8_x"}
+    assert container_env("worker", host)["REPLICATE_API_TOKEN"] == "r8_x"
+
+
+def test_redis_has_a_password_that_every_service_uses() -> None:
+    """Compose's Redis had none: anyone on its network could queue paid work."""
+    with pytest.raises(ValueError, match="REDIS_PASSWORD"):
+        container_env("worker", {})  # compose refuses to start without it
+    assert "--requirepass" in " ".join(service("redis")["command"])
+    assert container_env("redis", REQUIRED)["REDISCLI_AUTH"] == REQUIRED["REDIS_PASSWORD"]
+    for name in APP_SERVICES:
+        assert container_env(name, REQUIRED)["REDIS_PASSWORD"] == REQUIRED["REDIS_PASSWORD"]
 
 
 def test_flower_asks_for_basic_auth_and_never_opens_its_api() -> None:
     flower = service("flower")
-    assert flower["command"] == ["celery", "-A", "tasks.app", "flower", "--port=5555"]
-    assert "5555:5555" in flower["ports"]
+    assert flower["command"] == ["refgen", "flower", "--port=5555"]
+    assert flower["ports"] == ["${FLOWER_BIND:-127.0.0.1}:5555:5555"]  # loopback by default
     env = environment("flower")
     assert env["FLOWER_BASIC_AUTH"] == "${FLOWER_BASIC_AUTH:-}"
     assert str(env.get("FLOWER_UNAUTHENTICATED_API", "false")).lower() == "false"
@@ -272,12 +294,12 @@ def test_flower_asks_for_basic_auth_and_never_opens_its_api() -> None:
 def test_the_worker_links_to_the_gateway_and_shares_its_storage() -> None:
     gateway = service("gateway")
     assert gateway["command"] == ["refgen", "gateway", "--host", "0.0.0.0", "--port", "8000"]
-    assert "8000:8000" in gateway["ports"]
-    public = urlparse(container_env("worker", {})["LOCAL_STORAGE_PUBLIC_URL"])
+    assert gateway["ports"] == ["${GATEWAY_BIND:-127.0.0.1}:8000:8000"]  # loopback by default
+    public = urlparse(container_env("worker", REQUIRED)["LOCAL_STORAGE_PUBLIC_URL"])
     assert (public.scheme, public.hostname, public.port) == ("http", "localhost", 8000)
 
-    storage_dir = container_env("worker", {})["LOCAL_STORAGE_DIR"]
-    assert container_env("gateway", {})["LOCAL_STORAGE_DIR"] == storage_dir
+    storage_dir = container_env("worker", REQUIRED)["LOCAL_STORAGE_DIR"]
+    assert container_env("gateway", REQUIRED)["LOCAL_STORAGE_DIR"] == storage_dir
     mounts = {
         name: {v.split(":")[0] for v in service(name)["volumes"] if v.endswith(f":{storage_dir}")}
         for name in ("worker", "gateway")
@@ -371,7 +393,9 @@ def shims(folder: Path) -> Path:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    host: dict[str, str] = {}  # nothing set on the host: the defaults, no credentials
+    # Nothing set on the host but what compose requires and Flower's credentials: the
+    # defaults, no backend credentials.
+    host = {**REQUIRED, "FLOWER_BASIC_AUTH": "ops:test-only-flower-pw"}
     ports = {}
     for name in APP_SERVICES:
         for mapping in service(name).get("ports", []):
@@ -379,7 +403,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             ports[int(published)] = ports[int(target)] = ports.get(int(target)) or free_port()
     bin_dir = shims(tmp_path / "bin")
 
-    with RedisServer() as redis_server:
+    with RedisServer(password=REQUIRED["REDIS_PASSWORD"]) as redis_server:
 
         def localize(text: str) -> str:
             # Published and container ports first, before any path or port of ours is in.
@@ -434,7 +458,7 @@ def healthcheck(stack: Stack, name: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             argv,
             cwd=stack.cwd,
-            env=stack.env(name) if name != "redis" else os.environ.copy(),
+            env=stack.env(name),
             capture_output=True,
             text=True,
             timeout=seconds(check["timeout"]),
@@ -494,11 +518,12 @@ def test_the_stack_runs_as_composed(stack: Stack, load_plan) -> None:
     status, body = fetch(f"{gateway}/healthz")
     assert (status, json.loads(body)) == (200, {"ok": True})
 
-    # FLOWER_BASIC_AUTH unset on the host: Flower fails closed, its healthcheck still answers.
+    # Flower asks for its password; its healthcheck still answers without.
     flower = f"http://127.0.0.1:{stack.ports[5555]}"
     assert fetch(f"{flower}/api/workers")[0] == 401
     assert fetch(f"{flower}/api/workers", auth=":")[0] == 401
     assert fetch(f"{flower}/")[0] == 401
+    assert fetch(f"{flower}/api/workers", auth="ops:test-only-flower-pw")[0] == 200
     assert fetch(f"{flower}/healthcheck") == (200, b"OK")
 
 
@@ -601,6 +626,7 @@ def test_the_build_context_holds_the_whole_package(tmp_path: Path) -> None:
         "gateway/app.py",
         "gateway/job.html",
         "gateway/index.html",
+        "gateway/static/job.js",
     ):
         assert required in built, f"{required} would be missing from the image"
     entry_points = next(out.glob("*.egg-info")) / "entry_points.txt"

@@ -40,21 +40,24 @@ FINALIZE = "reference_generator.finalize"
 class Flower:
     """``celery -A tasks.app flower`` on a free loopback port, in its own process group."""
 
-    def __init__(self, redis_url: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, redis_url: str, env: dict[str, str], log_path: Path, *, refgen: bool = False
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        # `refgen flower` (what compose runs) reads REDIS_URL; celery's is given --broker.
+        command = (
+            ["tasks.cli", "flower"]
+            if refgen
+            else ["celery", "-A", "tasks.app", "--broker", redis_url, "flower"]
+        )
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
-                    "celery",
-                    "-A",
-                    "tasks.app",
-                    "--broker",
-                    redis_url,
-                    "flower",
+                    *command,
                     # Tornado's options: --name=value only ("--port 5555" is refused).
                     f"--port={self.port}",
                     "--address=127.0.0.1",
@@ -79,11 +82,22 @@ class Flower:
             time.sleep(0.2)
         raise RuntimeError(f"flower not ready: {self.log_path.read_text()[-3000:]}")
 
-    def get(self, path: str, auth: str | None = None) -> tuple[int, bytes]:
-        request = urllib.request.Request(self.url + path)
+    def get(
+        self,
+        path: str,
+        auth: str | None = None,
+        *,
+        header: str | None = None,
+        method: str = "GET",
+    ) -> tuple[int, bytes]:
+        """``auth`` is user:password, base64-encoded here; ``header`` a raw Authorization."""
+        body = b"{}" if method == "POST" else None
+        request = urllib.request.Request(self.url + path, data=body, method=method)
         if auth is not None:
             token = base64.b64encode(auth.encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
+        if header is not None:
+            request.add_header("Authorization", header)
         try:
             with urllib.request.urlopen(request, timeout=10) as reply:
                 return reply.status, reply.read()
@@ -130,8 +144,9 @@ def start_flower(
 ) -> Iterator[Callable[..., Flower]]:
     started: list[Flower] = []
 
-    def start(**flower_env: str) -> Flower:
-        flower = Flower(broker.url, {**env, **flower_env}, tmp_path / f"flower{len(started)}.log")
+    def start(refgen: bool = False, **flower_env: str) -> Flower:
+        log = tmp_path / f"flower{len(started)}.log"
+        flower = Flower(broker.url, {**env, **flower_env}, log, refgen=refgen)
         started.append(flower)
         return flower.wait_ready()
 
@@ -279,3 +294,54 @@ def test_flower_auth_is_what_compose_relies_on(
         assert flower.get("/", auth=credentials)[0] == api_status
     # The compose healthcheck needs no credentials, whatever the auth.
     assert flower.get("/healthcheck") == (200, b"OK")
+
+
+def test_refgen_flower_refuses_to_start_without_real_credentials(env: dict[str, str]) -> None:
+    """compose's FLOWER_BASIC_AUTH left unset (Compose passes it empty) made Flower take one
+    empty credential, which `Basic !` matched: `refgen flower` does not start at all."""
+    for value in ("", ":", "ops:", ":pw", "ops:pw,", "ops:pw, :", "ops"):
+        done = subprocess.run(
+            [sys.executable, "-m", "tasks.cli", "flower", f"--port={free_port()}"],
+            env={**env, "FLOWER_BASIC_AUTH": value},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 5, (value, done.stderr[-500:])
+        (line,) = done.stderr.strip().splitlines()
+        assert "FLOWER_BASIC_AUTH" in line and "Traceback" not in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "flower", "--basic_auth=ops:pw"],
+        env={k: v for k, v in env.items() if k != "FLOWER_BASIC_AUTH"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 5 and "not --basic_auth" in done.stderr
+
+
+def test_refgen_flower_lets_nobody_in_without_the_password(start_flower) -> None:
+    """The attacks, against a real Flower as compose starts it: none gets past 401, not even
+    on the API that starts a (paid) job."""
+    flower = start_flower(refgen=True, FLOWER_BASIC_AUTH="ops:test-only-pw")
+    attacks = {
+        "no header": None,
+        "empty credential": "Basic Og==",  # ":"
+        "decodes to nothing": "Basic !",
+        "padding only": "Basic ====",
+        "user, empty password": "Basic " + base64.b64encode(b"ops:").decode(),
+        "wrong password": "Basic " + base64.b64encode(b"ops:wrong").decode(),
+    }
+    for what, header in attacks.items():
+        for method, path in (
+            ("GET", "/"),
+            ("GET", "/api/workers"),
+            ("POST", f"/api/task/async-apply/{START}"),
+        ):
+            status, body = flower.get(path, header=header, method=method)
+            assert status == 401, (what, method, path, status, body[:200])
+    assert flower.get("/api/workers", auth="ops:test-only-pw")[0] == 200
+    assert flower.get("/healthcheck") == (200, b"OK")
+    assert "test-only-pw" not in flower.log_path.read_text()

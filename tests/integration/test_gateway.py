@@ -20,17 +20,19 @@ from tasks.harness import JobRun, JobRunner, WorkerProcess, base_worker_env
 from tasks.localredis import RedisServer, free_port
 from tests.integration.gatewaykit import (
     CHROMIUM_ARGS,
+    SECRETS,
     Sse,
     chromium,
+    job_token,
     log_lines,
+    operator_token,
+    publish_one_image_job,
     running_gateway,
     wait_known,
 )
 from worker import constants as c
 from worker.events import (
     EventPublisher,
-    ImageCompleted,
-    ImageStarted,
     StageFinished,
     StageStarted,
 )
@@ -40,6 +42,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 DOOMED = "rooftop"  # the worker's generator always fails this image, retryably
+# The stack's gateway asks for tokens (GATEWAY_JWT_SECRET): these tests read as an operator;
+# the browser tests open a job's page with that job's token, as a viewer does.
+OPERATOR = {"Authorization": f"Bearer {operator_token(ttl_s=3600)}"}
+http = httpx.Client(headers=OPERATOR)
 
 
 @dataclass
@@ -63,6 +69,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
             LOCAL_GENERATOR_FAIL_IDS=DOOMED,
             LOCAL_STORAGE_PUBLIC_URL=gateway_url,
             GATEWAY_KEEPALIVE_S="1",
+            GATEWAY_JWT_SECRET=SECRETS,
         )
         runner = JobRunner(broker.url)
         worker = WorkerProcess(env, tmp / "worker.log", "gw").start(runner.client)
@@ -88,8 +95,8 @@ def in_background(runner: JobRunner, plan: dict) -> tuple[threading.Thread, list
 
 
 def test_unknown_job_is_404(stack) -> None:
-    assert httpx.get(f"{stack.url}/jobs/no-such-job/events").status_code == 404
-    assert httpx.get(f"{stack.url}/jobs/no-such-job").status_code == 404
+    assert http.get(f"{stack.url}/jobs/no-such-job/events").status_code == 404
+    assert http.get(f"{stack.url}/jobs/no-such-job").status_code == 404
 
 
 def test_bad_input_gets_a_clear_400_before_any_stream(stack, load_plan) -> None:
@@ -98,27 +105,27 @@ def test_bad_input_gets_a_clear_400_before_any_stream(stack, load_plan) -> None:
     events = f"{stack.url}/jobs/{plan['job_id']}/events"
     for bad in ("garbage", "0", "1-2-3", "-1-0", "1700000000000-0; DROP"):
         for reply in (
-            httpx.get(events, headers={"Last-Event-ID": bad}),
-            httpx.get(events, params={"after": bad}),
+            http.get(events, headers={"Last-Event-ID": bad}),
+            http.get(events, params={"after": bad}),
         ):
             assert reply.status_code == 400, (bad, reply.text)
             assert reply.headers["content-type"] == "application/json"
             assert "Last-Event-ID must be the id of an event" in reply.json()["detail"]
     for bad_id in ("not%20a%20job", "a" * 65, "%3Cscript%3E", "job.id", "%C3%A9t%C3%A9"):
         for path in (f"/jobs/{bad_id}/events", f"/jobs/{bad_id}"):
-            reply = httpx.get(f"{stack.url}{path}")
+            reply = http.get(f"{stack.url}{path}")
             assert reply.status_code == 400, (path, reply.status_code)
             assert "cannot be a job id" in reply.text
-    page = httpx.get(f"{stack.url}/jobs/%3Cscript%3E")
+    page = http.get(f"{stack.url}/jobs/%3Cscript%3E")
     assert "&lt;script&gt;" in page.text and "<script>" not in page.text
 
     # A good Last-Event-ID still resumes after it.
     whole = Sse()
-    with httpx.stream("GET", events, timeout=30) as response:
+    with http.stream("GET", events, timeout=30) as response:
         whole.read(response)
     third = whole.events[2][0]
     rest = Sse()
-    with httpx.stream("GET", events, headers={"Last-Event-ID": third}, timeout=30) as response:
+    with http.stream("GET", events, headers={"Last-Event-ID": third}, timeout=30) as response:
         assert response.status_code == 200
         rest.read(response)
     assert rest.events == whole.events[3:]
@@ -132,11 +139,11 @@ def test_a_finished_job_whose_events_expired_says_so(stack, load_plan) -> None:
     client = redis.Redis.from_url(stack.runner.redis_url, decode_responses=True)
     client.delete(c.events_stream(plan["job_id"]))  # what a day after the job does
     client.close()
-    events = httpx.get(f"{stack.url}/jobs/{plan['job_id']}/events")
+    events = http.get(f"{stack.url}/jobs/{plan['job_id']}/events")
     assert events.status_code == 404
     assert "have expired" in events.json()["detail"]
-    page = httpx.get(f"{stack.url}/jobs/{plan['job_id']}")
-    assert page.status_code == 200 and "const eventsExpired = true;" in page.text
+    page = http.get(f"{stack.url}/jobs/{plan['job_id']}")
+    assert page.status_code == 200 and 'data-events-expired="true"' in page.text
 
 
 def test_live_subscriber_gets_every_event_and_the_stream_ends(stack, load_plan) -> None:
@@ -144,9 +151,9 @@ def test_live_subscriber_gets_every_event_and_the_stream_ends(stack, load_plan) 
     # Its rooftop fails and is retried 2 s later: about 5 s of job, several keep-alive periods.
     plan = load_plan("typical_2x2")
     thread, box = in_background(runner, plan)  # pub/sub, as the existing gateway sees it
-    wait_known(url, plan["job_id"])
+    wait_known(url, plan["job_id"], OPERATOR)
     sse = Sse()
-    with httpx.stream("GET", f"{url}/jobs/{plan['job_id']}/events", timeout=30) as response:
+    with http.stream("GET", f"{url}/jobs/{plan['job_id']}/events", timeout=30) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         sse.read(response)
     thread.join()
@@ -165,7 +172,7 @@ def test_late_subscriber_gets_the_history_in_live_order(stack, load_plan) -> Non
     plan = load_plan("typical_2x2")
     run = stack.runner(plan)  # finished before anyone subscribes
     sse = Sse()
-    with httpx.stream("GET", f"{stack.url}/jobs/{plan['job_id']}/events", timeout=30) as response:
+    with http.stream("GET", f"{stack.url}/jobs/{plan['job_id']}/events", timeout=30) as response:
         sse.read(response)
     assert sse.ended
     assert [(m["event_type"], m["data"]) for m in sse.messages] == run.events
@@ -177,14 +184,14 @@ def test_reconnect_with_last_event_id_loses_nothing_and_repeats_nothing(stack, l
     url, runner = stack.url, stack.runner
     plan = load_plan("typical_2x2")
     thread, box = in_background(runner, plan)
-    wait_known(url, plan["job_id"])
+    wait_known(url, plan["job_id"], OPERATOR)
     first = Sse()
-    with httpx.stream("GET", f"{url}/jobs/{plan['job_id']}/events", timeout=30) as response:
+    with http.stream("GET", f"{url}/jobs/{plan['job_id']}/events", timeout=30) as response:
         first.read(response, stop_after=3)  # the connection drops mid-job
     last_id = first.events[-1][0]
     time.sleep(1.0)  # events keep coming while the client is away
     second = Sse()
-    with httpx.stream(
+    with http.stream(
         "GET", f"{url}/jobs/{plan['job_id']}/events", timeout=30, headers={"Last-Event-ID": last_id}
     ) as response:
         second.read(response)
@@ -199,11 +206,11 @@ def test_two_jobs_streams_never_mix(stack, load_plan) -> None:
     plans = [load_plan("minimal_1x1"), load_plan("typical_2x2")]
     runs = [in_background(runner, plan) for plan in plans]
     for plan in plans:
-        wait_known(url, plan["job_id"])
+        wait_known(url, plan["job_id"], OPERATOR)
     streams = {}
     for plan in plans:
         sse = Sse()
-        with httpx.stream("GET", f"{url}/jobs/{plan['job_id']}/events", timeout=30) as response:
+        with http.stream("GET", f"{url}/jobs/{plan['job_id']}/events", timeout=30) as response:
             sse.read(response)
         streams[plan["job_id"]] = sse
     for plan, (thread, box) in zip(plans, runs, strict=True):
@@ -236,7 +243,7 @@ def test_the_index_lists_recent_jobs_with_links_to_their_pages(stack, load_plan)
     send(stack.runner, running)
     deadline = time.monotonic() + 10
     while True:  # until its start is announced (its images take 1.5 s)
-        reply = httpx.get(f"{stack.url}/")
+        reply = http.get(f"{stack.url}/")
         assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
         rows = index_rows(reply.text)
         if running["job_id"] in rows:
@@ -247,8 +254,10 @@ def test_the_index_lists_recent_jobs_with_links_to_their_pages(stack, load_plan)
         "status": "partial",
         "images": "3/4",
         "cost": "$0.015",
-        "link": f"/jobs/{partial['job_id']}",
+        "link": rows[partial["job_id"]]["link"],
     }
+    # Each link carries a token for its job alone.
+    assert rows[partial["job_id"]]["link"].startswith(f"/jobs/{partial['job_id']}?token=")
     assert rows[refused["job_id"]]["status"] == "refused"
     assert rows[refused["job_id"]]["images"] == "–"  # nothing was made or planned
     assert rows[running["job_id"]]["status"] == "running"
@@ -259,7 +268,7 @@ def test_the_index_lists_recent_jobs_with_links_to_their_pages(stack, load_plan)
         < order.index(refused["job_id"])
         < order.index(partial["job_id"])
     )  # newest first
-    page = httpx.get(f"{stack.url}{rows[partial['job_id']]['link']}")
+    page = http.get(f"{stack.url}{rows[partial['job_id']]['link']}")
     assert page.status_code == 200 and partial["job_id"] in page.text
 
 
@@ -270,11 +279,11 @@ def test_the_gateway_logs_its_address_and_one_line_per_request(stack, load_plan)
 
     missing = str(uuid.uuid4())
     for _ in range(3):
-        assert httpx.get(f"{stack.url}/jobs/{missing}").status_code == 404
+        assert http.get(f"{stack.url}/jobs/{missing}").status_code == 404
     run = stack.runner(load_plan("minimal_1x1"))
     image_url = run.result["scene_references"][0]["image_url"]
     signature = httpx.URL(image_url).params["signature"]
-    assert httpx.get(image_url).status_code == 200
+    assert http.get(image_url).status_code == 200
 
     def requests(path_part: str) -> list[dict]:
         lines = log_lines(stack.log)
@@ -296,9 +305,9 @@ def test_the_gateway_logs_its_address_and_one_line_per_request(stack, load_plan)
 
 def test_metrics_show_the_jobs_figures(stack, load_plan) -> None:
     url, runner = stack.url, stack.runner
-    before = httpx.get(f"{url}/metrics").text
+    before = http.get(f"{url}/metrics").text
     runner(load_plan("minimal_1x1"))
-    after = httpx.get(f"{url}/metrics").text
+    after = http.get(f"{url}/metrics").text
 
     def value(text: str, name: str) -> float:
         line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
@@ -326,37 +335,8 @@ def publish_file_link_job(redis_url: str) -> str:
     """A job as a worker without LOCAL_STORAGE_PUBLIC_URL announces it: file:// links."""
     job_id = str(uuid.uuid4())
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    events = EventPublisher(client, JobIndex(client))
-    events.publish(job_id, StageStarted(total_images=1))
-    events.publish(
-        job_id,
-        ImageStarted(image_type="scene", image_id="forest", current_image=1, total_images=1),
-    )
-    events.publish(
-        job_id,
-        ImageCompleted(
-            image_type="scene",
-            image_id="forest",
-            image_url=f"file:///srv/refgen/{job_id}/scene_forest.png?expires=1&signature=x",
-            generation_time=1.0,
-            cost=Decimal("0.005"),
-            retry_count=0,
-            completed_images=1,
-            total_images=1,
-        ),
-    )
-    events.publish(
-        job_id,
-        StageFinished(
-            status="completed",
-            total_images=1,
-            successful_images=1,
-            failed_images=0,
-            total_cost=Decimal("0.005"),
-            total_time=1.0,
-            result_status="success",
-        ),
-    )
+    link = f"file:///srv/refgen/{job_id}/scene_forest.png?expires=1&signature=x"
+    publish_one_image_job(client, job_id, link)
     client.close()
     return job_id
 
@@ -367,14 +347,14 @@ def test_browser_shows_the_finished_job(stack, load_plan) -> None:
     url, runner = stack.url, stack.runner
     plan = load_plan("typical_2x2")  # its rooftop scene always fails
     send(runner, plan)
-    wait_known(url, plan["job_id"])
+    wait_known(url, plan["job_id"], OPERATOR)
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "job-page.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(f"{url}/jobs/{plan['job_id']}")
+            page.goto(f"{url}/jobs/{plan['job_id']}?token={job_token(plan['job_id'])}")
             page.wait_for_selector("body[data-finished=true]", timeout=60_000)
             page.wait_for_function(
                 "[...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth)"
@@ -395,7 +375,7 @@ def test_browser_shows_the_finished_job(stack, load_plan) -> None:
 
             # Workers without LOCAL_STORAGE_PUBLIC_URL: the page says how to fix it.
             local = publish_file_link_job(runner.redis_url)
-            page.goto(f"{url}/jobs/{local}")
+            page.goto(f"{url}/jobs/{local}?token={job_token(local)}")
             page.wait_for_selector("body[data-finished=true]", timeout=10_000)
             hint = page.locator("[data-testid=storage-hint]")
             assert hint.is_visible()
@@ -403,10 +383,12 @@ def test_browser_shows_the_finished_job(stack, load_plan) -> None:
             assert page.locator("[data-testid=image]").count() == 0
 
             # The index links to the job's page.
-            page.goto(f"{url}/")
-            page.click(f"a[href='/jobs/{plan['job_id']}']")
+            page.goto(f"{url}/?token={operator_token()}")
+            page.click(f"a[href^='/jobs/{plan['job_id']}?token=']")
             page.wait_for_selector("body[data-finished=true]", timeout=10_000)
-            assert page.url == f"{url}/jobs/{plan['job_id']}"
+            assert page.url.startswith(f"{url}/jobs/{plan['job_id']}?token=")
+            # Without a token, the page does not open.
+            assert page.goto(f"{url}/jobs/{plan['job_id']}").status == 401
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
@@ -420,14 +402,14 @@ def test_a_cancelled_job_ends_its_stream_and_its_page_and_index_say_so(stack, lo
     plan = load_plan("large_5x3")  # 8 images of 1.5 s on 4 slots: some still wait
     job_id = plan["job_id"]
     thread, box = in_background(runner, plan)
-    wait_known(url, job_id)
+    wait_known(url, job_id, OPERATOR)
     runner.client.send_task(c.TASK_CANCEL, kwargs={"job_id": job_id, "reason": "the user left"})
     thread.join()
     final = box[0].events[-1][1]
     assert (final["status"], final["reason"]) == ("cancelled", "the user left")
 
     sse = Sse()
-    with httpx.stream("GET", f"{url}/jobs/{job_id}/events", timeout=30) as response:
+    with http.stream("GET", f"{url}/jobs/{job_id}/events", timeout=30) as response:
         sse.read(response)
     assert sse.ended  # the gateway knows a cancelled job's last word
     assert sse.messages[-1]["data"] == final
@@ -436,7 +418,7 @@ def test_a_cancelled_job_ends_its_stream_and_its_page_and_index_say_so(stack, lo
         browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
-            page.goto(f"{url}/jobs/{job_id}")
+            page.goto(f"{url}/jobs/{job_id}?token={job_token(job_id)}")
             page.wait_for_selector("body[data-finished=true]", timeout=30_000)
             assert page.locator("[data-testid=status]").inner_text().lower() == "cancelled"
             message = page.locator("[data-testid=message]").inner_text()
@@ -446,7 +428,7 @@ def test_a_cancelled_job_ends_its_stream_and_its_page_and_index_say_so(stack, lo
             )
         finally:
             browser.close()
-    rows = index_rows(httpx.get(f"{url}/").text)
+    rows = index_rows(http.get(f"{url}/").text)
     assert rows[job_id]["status"] == "cancelled"
 
 

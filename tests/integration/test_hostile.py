@@ -4,6 +4,7 @@ serving. Messages that are not JSON are refused, never unpickled."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import uuid
 from pathlib import Path
@@ -13,6 +14,7 @@ import redis
 from kombu import Connection, Producer
 
 from tests.hostile import Case, cases, fresh
+from worker import constants as c
 
 pytestmark = pytest.mark.integration
 CASES = cases()
@@ -93,3 +95,40 @@ def test_messages_that_are_not_json_are_refused(
     assert worker.alive
     log = Path(worker.log_path).read_text()
     assert "pickle" in log.lower() or "refus" in log.lower()
+
+
+def test_images_sent_by_name_outside_an_admitted_plan_are_refused_before_paying(
+    worker, client, run_job, redis_server, storage_dir, load_plan
+) -> None:
+    """Whoever can write to the broker can send generate_reference directly, skipping start's
+    validation and budget: an image is made only as its admitted job planned it."""
+    plan = load_plan("minimal_1x1")
+    admitted = run_job(plan)
+    assert admitted.result["status"] == "success"
+    meta = redis.Redis.from_url(redis_server.url, decode_responses=True).hget(
+        f"refgen:job:{{{plan['job_id']}}}:meta", "images"
+    )
+    planned = json.loads(meta)[0]
+    logged_before = len(Path(worker.log_path).read_text())
+    stranger = str(uuid.uuid4())
+    forged = {
+        "never admitted": {**planned, "job_id": stranger},
+        "not in the plan": {**planned, "image_id": "vault", "prompt": "x"},
+        "another prompt": {**planned, "prompt": "something expensive", "seed": 1},
+    }
+    for what, spec in forged.items():
+        sent = client.send_task(c.TASK_GENERATE, kwargs={"spec": spec}, queue="reference_generator")
+        sent.get(timeout=30, propagate=False)
+        assert sent.state == "FAILURE", what
+        assert "Refused" in str(sent.result) and "nothing was paid" in str(sent.result), what
+    store = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    assert not store.exists(f"refgen:job:{{{stranger}}}:charges")
+    assert not (storage_dir / "reference-images" / stranger).exists()
+    # The admitted job's record is unchanged: still one charge per planned image.
+    charges = store.hgetall(f"refgen:job:{{{plan['job_id']}}}:charges")
+    assert len(charges) == len(admitted.result["scene_references"]) + len(
+        admitted.result["character_references"]
+    )
+    log = Path(worker.log_path).read_text()[logged_before:]  # the worker is the session's
+    assert log.count("image_refused") == 3 and "Traceback" not in log
+    assert worker.alive

@@ -19,7 +19,7 @@ import pytest
 from tasks import exit_codes
 from tasks.harness import bare_client, stop_process_group
 from tasks.localredis import free_port
-from tests.integration.gatewaykit import running_gateway
+from tests.integration.gatewaykit import SECRETS, as_operator, running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +86,13 @@ def test_the_worker_refuses_to_start_without_its_credentials(
 def test_run_gateway_beat_and_flower_work_in_production_with_redis_alone(
     worker, redis_server, load_plan, tmp_path
 ) -> None:
-    env = production(redis_server.url, tmp_path, LOG_FORMAT="json")
+    env = production(
+        redis_server.url,
+        tmp_path,
+        LOG_FORMAT="json",
+        GATEWAY_JWT_SECRET=SECRETS,
+        FLOWER_BASIC_AUTH="ops:test-only-flower-pw",
+    )
     plan = load_plan("minimal_1x1")
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(json.dumps(plan))
@@ -96,12 +102,13 @@ def test_run_gateway_beat_and_flower_work_in_production_with_redis_alone(
     assert done.returncode == exit_codes.RESULT, done.stderr
     assert json.loads(done.stdout)["status"] == "success"
 
-    # The gateway serves the job's page, its events and the index.
+    # The gateway serves the job's page, its events and the index (to an operator's token).
     with running_gateway(env, tmp_path / "gateway.log", free_port()) as url:
-        assert httpx.get(f"{url}/healthz").json() == {"ok": True}
-        assert httpx.get(f"{url}/jobs/{plan['job_id']}").status_code == 200
-        assert plan["job_id"] in httpx.get(f"{url}/").text
-        with httpx.stream("GET", f"{url}/jobs/{plan['job_id']}/events", timeout=30) as reply:
+        http = httpx.Client(headers=as_operator())
+        assert http.get(f"{url}/healthz").json() == {"ok": True}
+        assert http.get(f"{url}/jobs/{plan['job_id']}").status_code == 200
+        assert plan["job_id"] in http.get(f"{url}/").text
+        with http.stream("GET", f"{url}/jobs/{plan['job_id']}/events", timeout=30) as reply:
             body = "".join(reply.iter_text())
         assert '"result_status":"success"' in body
 
@@ -124,9 +131,7 @@ def test_run_gateway_beat_and_flower_work_in_production_with_redis_alone(
         "flower": [
             sys.executable,
             "-m",
-            "celery",
-            "-A",
-            "tasks.app",
+            "tasks.cli",
             "flower",
             f"--port={flower_port}",
             "--address=127.0.0.1",
@@ -184,3 +189,38 @@ def test_a_worker_started_with_celery_itself_refuses_too(redis_server, tmp_path)
     assert "REPLICATE_API_TOKEN is required" in output
     assert "Traceback" not in output
     assert "ready." not in output  # it never took a task
+
+
+def test_a_mistyped_redis_url_never_prints_its_password(tmp_path) -> None:
+    """`REDIS_URL` with a letter O in its port: every process refuses it in one line, with
+    the password masked (celery's own start-up too, where pydantic's error is a traceback)."""
+    env = production(
+        "redis://:test-only-redis-pw@127.0.0.1:63O79/0",
+        tmp_path,
+        GATEWAY_JWT_SECRET=SECRETS,
+        FLOWER_BASIC_AUTH="ops:test-only-flower-pw",
+    )
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    commands = {
+        "run": [sys.executable, "-m", "tasks.cli", "run", str(plan)],
+        "worker": [sys.executable, "-m", "tasks.cli", "worker"],
+        "beat": [sys.executable, "-m", "tasks.cli", "beat"],
+        "gateway": [sys.executable, "-m", "tasks.cli", "gateway", f"--port={free_port()}"],
+        "flower": [sys.executable, "-m", "tasks.cli", "flower", f"--port={free_port()}"],
+        "celery flower": [sys.executable, "-m", "celery", "-A", "tasks.app", "flower"],
+    }
+    processes = {
+        name: subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for name, argv in commands.items()
+    }
+    for name, process in processes.items():
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode != 0, name
+        assert "63O79" in output, (name, output[-1000:])  # it says what is wrong
+        assert "test-only-redis-pw" not in output, name
+        if name != "celery flower":
+            assert process.returncode == exit_codes.CONFIGURATION, (name, output[-1000:])
+            assert "Traceback" not in output, name

@@ -131,3 +131,86 @@ def test_retention_removes_old_objects_only(store, fake) -> None:
     left = sorted(o.name for o in fake.objects(c.DEFAULT_BUCKET))
     assert left == ["recent-orphan/scene_a.png", "recent-success/scene_a.png"]
     assert retention.purge().purged_jobs == []  # nothing due twice
+
+
+def test_the_service_key_never_follows_a_redirect_to_another_origin(fake, key) -> None:
+    """httpx drops only Authorization on a cross-origin redirect: a client that followed one
+    handed the service-role key (apiKey) to whatever server the redirect named."""
+    from tests.fakes._http import Fault
+
+    with FakeSupabaseStorage(service_key="sb-" + secrets.token_hex(16)) as elsewhere:
+        settings = Settings(
+            supabase_url=fake.url, supabase_service_key=key, generator_backend="local"
+        )
+        store = SupabaseImageStore.from_settings(settings)
+        for status in (301, 302, 307, 308):
+            fake.inject(
+                "*",
+                Fault(
+                    status=status,
+                    body=b"",
+                    headers={"Location": elsewhere.url + "/storage/v1/object/x"},
+                ),
+                times=3,
+            )
+            for call in (
+                lambda: store.put_png("job-1/scene_street.png", PNG),
+                lambda: store.exists("job-1/scene_street.png"),
+                lambda: store.signed_url("job-1/scene_street.png"),
+            ):
+                with pytest.raises(PermanentError) as caught:
+                    call()
+                assert "redirect" in caught.value.reason and key not in caught.value.reason
+        assert elsewhere.requests == []  # nothing, let alone the key, reached the other origin
+
+
+def test_the_anon_key_as_service_key_is_refused_never_reported_as_a_missing_bucket() -> None:
+    """Against the real server, the anon key hides every bucket (row-level security) and is
+    refused every write: each image failed as "The storage bucket does not exist", and the
+    retention purge listed nothing and deleted nothing. Its role claim says what it is: the
+    worker refuses it at start, and a refusal is never called a missing bucket."""
+    import jwt
+
+    from worker.errors import BucketMissingError, ConfigurationError, StoreRefusedError
+
+    signing = secrets.token_hex(32)
+    service = jwt.encode({"role": "service_role", "iss": "supabase"}, signing, algorithm="HS256")
+    anon = jwt.encode({"role": "anon", "iss": "supabase"}, signing, algorithm="HS256")
+    with FakeSupabaseStorage(service_key=service, anon_key=anon) as fake:
+        fake.create_bucket(c.DEFAULT_BUCKET)
+
+        def settings(key: str) -> Settings:
+            return Settings(
+                supabase_url=fake.url,
+                supabase_service_key=key,
+                storage_backend="supabase",
+                generator_backend="local",
+            )
+
+        settings(service).check_backends()
+        with pytest.raises(ConfigurationError) as refused:
+            settings(anon).check_backends()
+        assert "role 'anon', not the service_role key" in refused.value.reason
+        assert anon not in refused.value.reason
+
+        # Past the start-up check (a key whose role changed under us): refused, not missing.
+        store = SupabaseImageStore.from_settings(settings(service))
+        anon_store = _store_with_key(fake.url, anon)
+        with pytest.raises(StoreRefusedError) as caught:
+            anon_store.ensure_bucket()
+        assert not isinstance(caught.value, BucketMissingError)
+        assert caught.value.reason == "Supabase refused the service key"
+        with pytest.raises(StoreRefusedError) as caught:
+            anon_store.put_png("job-1/scene_street.png", PNG)
+        assert not isinstance(caught.value, BucketMissingError)
+        store.put_png("job-1/scene_street.png", PNG)  # the service key still works
+        assert [o.path for o in store.list_prefix("job-1")] == ["job-1/scene_street.png"]
+
+
+def _store_with_key(url: str, key: str) -> SupabaseImageStore:
+    """A store built as from_settings builds it, without the settings' role check."""
+    from storage3 import SyncStorageClient
+
+    headers = {"apiKey": key, "Authorization": f"Bearer {key}"}
+    client = SyncStorageClient(storage_url(url), headers, http_client=httpx.Client(headers=headers))
+    return SupabaseImageStore(client, c.DEFAULT_BUCKET)

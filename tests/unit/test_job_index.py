@@ -106,3 +106,27 @@ def test_a_lost_redis_never_fails_the_event_that_notes_a_job() -> None:
     server.connected = False
     client = fakeredis.FakeRedis(server=server, decode_responses=True)
     EventPublisher(client, JobIndex(client)).publish("job-1", StageStarted())  # logged only
+
+
+def test_a_refused_plan_whose_id_cannot_be_a_job_id_is_not_indexed(
+    redis_client: redis.Redis,
+) -> None:
+    """A refused plan's id is whatever the sender wrote (printable, up to 256 characters): it
+    gets its events, but the index of recent jobs lists only ids that can be jobs'."""
+    clean(redis_client)
+    index = JobIndex(redis_client)
+    events = EventPublisher(redis_client, index)
+    refusal = StageFinished(
+        status="failed",
+        total_images=0,
+        successful_images=0,
+        failed_images=0,
+        total_cost=Decimal(0),
+        total_time=0.0,
+        result_status="invalid",
+    )
+    for bad in ("<img src=x onerror=alert(1)>", "a" * 256, "job id with spaces", "../../etc"):
+        events.publish(bad, refusal)
+    good = str(uuid.uuid4())
+    events.publish(good, refusal)
+    assert [s.job_id for s in index.recent()] == [good]

@@ -162,3 +162,22 @@ def test_the_old_per_second_limit_still_works_unless_per_minute_is_set(
     monkeypatch.setenv("REPLICATE_CREATES_PER_SECOND", "many")
     with pytest.raises(ValidationError, match="replicate_creates_per_second"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret-pw@127.0.0.1:63O79/0",  # a letter O in the port
+        "rediss://ops:s3cret-pw@redis.example:6380x/0",
+        "http://:s3cret-pw@127.0.0.1:6379/0",  # wrong scheme
+        "redis://:s3cret-pw/with@slash@127.0.0.1:bad/0",  # an unencoded password
+    ],
+)
+def test_a_malformed_redis_url_error_masks_its_password(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("REDIS_URL", url)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert "s3cret-pw" not in str(caught.value)
+    assert ":****@" in str(caught.value)

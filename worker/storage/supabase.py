@@ -57,7 +57,9 @@ class SupabaseImageStore:
         http = httpx.Client(
             headers=headers,
             timeout=timeout,
-            follow_redirects=True,
+            # Never: on a cross-origin redirect httpx drops Authorization alone, so apiKey (the
+            # service-role key) would go to whatever server the redirect names.
+            follow_redirects=False,
             transport=BoundedTimeoutTransport(timeout),
         )
         client = SyncStorageClient(storage_url(settings.supabase_url), headers, http_client=http)
@@ -86,6 +88,10 @@ class SupabaseImageStore:
                 )
             )
             log.info("bucket_created", bucket=self._bucket_id)
+        except StoreRefusedError:
+            # The key may not create it (the anon key, say, where the bucket only looked
+            # missing): a refusal, never reported as a missing bucket.
+            raise
         except PermanentError:
             # Another worker created it first: fine, as long as it exists now.
             self._call(lambda: self._client.get_bucket(self._bucket_id))
@@ -174,6 +180,11 @@ def _classified(fn: Callable[[], _T]) -> _T:
 def classify(exc: StorageApiError) -> RefgenError:
     code = str(exc.status)
     http_status = getattr(getattr(exc.__cause__, "response", None), "status_code", 0) or 0
+    if code.startswith("3") or 300 <= http_status < 400:
+        return PermanentError(
+            f"Supabase Storage answered with a redirect ({code}), which is never followed "
+            "with the service key: check SUPABASE_URL"
+        )
     if (code.isdigit() and int(code) >= 500) or http_status >= 500 or code == "429":
         return RetryableError(f"Supabase Storage is having trouble ({code})")
     if code in ("401", "403"):
