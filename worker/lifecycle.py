@@ -212,6 +212,7 @@ class JobFinalizer:
             self._fail_missing(job_id, planned, reason)
         elif cause in ("doomed", "cancelled") and meta is not None and meta.doomed is not None:
             self._stop_spending(job_id, planned, meta.doomed)
+        self._charge_lost(job_id, planned)
         outcomes = {f"{o.image_type}_{o.image_id}": o for o in reported}
         outcomes.update(s.jobs.outcomes(job_id))  # the record wins: it is what events announced
         total = meta.total_images if meta is not None else len(outcomes)
@@ -276,6 +277,15 @@ class JobFinalizer:
             failed=total - made,
             cost_nano=to_nano(spent),
         )
+
+    def _charge_lost(self, job_id: str, planned: list[ImageSpec]) -> None:
+        """A create whose answer was lost and whose prediction no retry found (it reached
+        Replicate after the retry searched) was still billed: stop it and charge it, keyed by
+        its id as every charge is, so that the committed cost is what Replicate billed."""
+        s = self._s
+        requests = [generation_request(spec, 0, s.settings.image_timeout_s) for spec in planned]
+        for image_key, bill in s.generator.sweep_lost(job_id, requests):
+            s.ledger.charge(job_id, image_key, bill.ref, bill.cost)
 
     def _fail_missing(self, job_id: str, planned: list[ImageSpec], reason: str) -> None:
         """Record a failure for every planned image with no outcome, so that a late delivery

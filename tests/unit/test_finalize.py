@@ -14,6 +14,7 @@ import pytest
 
 from worker import constants as c
 from worker.events import StageStarted, encode
+from worker.generation import Bill
 from worker.generation.local import LocalImageGenerator
 from worker.lifecycle import JobFinalizer, JobIntake, Launch
 from worker.models import ImageOutcome, ImageSpec
@@ -288,3 +289,28 @@ def test_the_last_outcome_brings_the_deadline_forward_in_case_the_chord_never_fi
     services.deadlines.done(other)
     record(services, other, made("character", "b"))
     assert services.deadlines.due_at(other) is None
+
+
+class LostAnswerGenerator(LocalImageGenerator):
+    """A generator whose scene "a" had a create whose answer was lost and that no retry
+    found: its prediction turns up at the job's end (issue 20, item 1)."""
+
+    def sweep_lost(self, job_id, requests):  # type: ignore[no-untyped-def]
+        return [(r.image_key, Bill("lost-pred", Decimal("0.002"))) for r in requests][:1]
+
+
+def test_a_lost_create_found_at_the_end_is_in_the_committed_cost(
+    redis_client, tmp_path: Path
+) -> None:
+    services = Services.build(
+        Settings(generator_backend="local", storage_backend="local", job_deadline_s=30),
+        client=redis_client,
+        generator=LostAnswerGenerator(latency_s=0),
+        store=LocalImageStore(tmp_path),
+    )
+    job_id, _ = start_job(services, [("scene", "a"), ("character", "c")])
+    for outcome in (made("scene", "a"), made("character", "c")):
+        record(services, job_id, outcome)
+    result = JobFinalizer(services).finalize(job_id)
+    assert result["total_cost"] == "0.012"  # both images and the lost prediction's bill
+    assert finals(redis_client, job_id)[0]["total_cost"] == "0.012"
