@@ -27,8 +27,10 @@ from celery.signals import (
     worker_process_init,
     worker_ready,
 )
+from kombu.exceptions import OperationalError
 
 from tasks.app import app, services
+from tasks.publishing import PUBLISH_ERRORS, publish
 from worker import constants as c
 from worker.crashpoints import fail_point
 from worker.errors import DeliveryAbandoned
@@ -93,8 +95,8 @@ def stop_threads() -> None:
 
 def resend(payload: dict[str, Any]) -> None:
     """Send a lost task again, under its own task id."""
-    fail_point("watchdog.resend")
-    app.signature(payload).apply_async()
+    fail_point("watchdog.resend", error=OperationalError)
+    publish("publish.resend", lambda: app.signature(payload).apply_async())
 
 
 def rescue_orphans() -> None:
@@ -124,7 +126,7 @@ def finalize_and_store(job_id: str, cause: Cause) -> Any:
     """Finalize a job outside its chord and store its result under the job id, as the chord's
     finalize would. The deadline goes only once the result is stored."""
     result = JobFinalizer(services()).finalize(job_id, cause=cause)
-    app.backend.store_result(job_id, result, states.SUCCESS)
+    publish("publish.result", lambda: app.backend.store_result(job_id, result, states.SUCCESS))
     services().deadlines.done(job_id)
     return result
 
@@ -149,14 +151,18 @@ def hand_to_retry(task: Task, retry: dict[str, Any], delay_s: float) -> None:
     s.leases.take(task.request.id, retry, extra_s=delay_s)
 
 
+ABANDONING: tuple[type[BaseException], ...] = (DeliveryAbandoned, redis.RedisError, *PUBLISH_ERRORS)
+
+
 @contextlib.contextmanager
 def abandoned_as_ignored(task: Task) -> Iterator[None]:
     """A delivery that cannot finish ends without a result, keeping its lease: the lease
     expires and the watchdog sends the task again. ``Ignore`` keeps Celery from counting a
-    failure in the chord."""
+    failure in the chord. Redis out of reach counts, whoever says so: redis-py, kombu (a
+    publish) or Celery (a result backend write)."""
     try:
         yield
-    except (DeliveryAbandoned, redis.RedisError) as exc:
+    except ABANDONING as exc:
         services().holdings.drop_lease(task.request.id, _token_of(task))  # left to expire
         task.request.refgen_lease_token = None
         reason = exc.reason if isinstance(exc, DeliveryAbandoned) else type(exc).__name__

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from tasks.app import app, services
 from tasks.backend import ImageNotMade
+from tasks.publishing import publish
 from tasks.recovery import abandoned_as_ignored, finalize_and_store, hand_to_retry
 from worker import constants as c
 from worker.cancel import JobCanceller
@@ -101,7 +102,10 @@ def launch(job: JobPlan) -> None:
             for spec in job.images
         ]
     ).set(task_id=f"{job.job_id}:images")
-    chord(header)(finalize.s(job.job_id).set(task_id=job.job_id, **priority(c.PRIORITY_TOP)))
+    callback = finalize.s(job.job_id).set(task_id=job.job_id, **priority(c.PRIORITY_TOP))
+    crash_point("publish.start_chord")
+    # A broker blip here must not strand the job: the same chord (same ids) is sent again.
+    publish("publish.start_chord", lambda: chord(header)(callback))
 
 
 def priority(level: int) -> dict[str, int]:
@@ -134,13 +138,20 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
             )
             hand_to_retry(self, dict(retry), step.delay_s)
             crash_point("image.after_retry_handover")
-            sent = self.retry(
-                countdown=step.delay_s,
-                max_retries=c.GENERATION_MAX_ATTEMPTS - 1,
-                throw=False,
-                # Flower shows the task as RETRY with this as its exception: the reason.
-                exc=RetryableError(step.reason),
-                **top,
+            crash_point("publish.image_retry")
+            # Celery turns a failed retry publish into Reject(requeue=False), a FAILURE that
+            # fails the chord: it is tried again instead, and if the broker stays away, this
+            # delivery keeps the lease handed to the retry, for the watchdog to send it.
+            sent = publish(
+                "publish.image_retry",
+                lambda: self.retry(
+                    countdown=step.delay_s,
+                    max_retries=c.GENERATION_MAX_ATTEMPTS - 1,
+                    throw=False,
+                    # Flower shows the task as RETRY with this as its exception: the reason.
+                    exc=RetryableError(step.reason),
+                    **top,
+                ),
             )
             crash_point("image.after_retry_sent")
             raise sent
