@@ -66,6 +66,8 @@ def report_failed_start(task: Any, job_id: object, error: Exception) -> None:
 
 
 def _start(self: Any, job_id: object, plan: object, duration_seconds: object) -> dict[str, Any]:
+    # All of it under the lease: a refusal whose null cannot be stored yet (Redis away) is
+    # sent again by the watchdog, rather than leave the job id claimed and without a result.
     with abandoned_as_ignored(self):
         intake = JobIntake(services())
         admission = intake.admit(job_id, plan, duration_seconds, task_id=self.request.id or "")
@@ -79,15 +81,17 @@ def _start(self: Any, job_id: object, plan: object, duration_seconds: object) ->
             crash_point("start.after_chord_sent")
             intake.launched(job.job_id)
             return {"job_id": job.job_id, "status": "queued", "total_images": len(job.images)}
-    if isinstance(admission, Duplicate):
-        return {"job_id": job_id, "status": "duplicate", "claimed_by": admission.claimed_by}
-    if isinstance(admission, Cancelled):
-        self.backend.store_result(admission.job_id, None, states.SUCCESS)
-        return {"job_id": admission.job_id, "status": "cancelled"}
-    if admission.job_id is not None:
-        # The text-only answer, readable by job id like any other result.
-        self.backend.store_result(admission.job_id, None, states.SUCCESS)
-    return {"job_id": admission.job_id, "status": "refused", "reason": admission.reason}
+        if isinstance(admission, Duplicate):
+            return {"job_id": job_id, "status": "duplicate", "claimed_by": admission.claimed_by}
+        if isinstance(admission, Cancelled):
+            self.backend.store_result(admission.job_id, None, states.SUCCESS)
+            return {"job_id": admission.job_id, "status": "cancelled"}
+        if admission.job_id is not None:
+            # The text-only answer, readable by job id like any other result; only then may
+            # a corrected plan take the job id (its start forgets this null before it runs).
+            self.backend.store_result(admission.job_id, None, states.SUCCESS)
+            intake.refusal_stored(admission.job_id)
+        return {"job_id": admission.job_id, "status": "refused", "reason": admission.reason}
 
 
 def launch(job: JobPlan) -> None:

@@ -172,9 +172,15 @@ class JobIntake:
                 result_status="invalid" if isinstance(error, InvalidPlanError) else "refused",
             ),
         )
-        # A corrected plan may be sent again under the same job id.
-        self._s.jobs.release_claim(job_id)
+        # The claim is kept until the refusal's null result is stored (``refusal_stored``):
+        # a corrected start let in sooner could forget the result before the null landed,
+        # and its readers would take the null for its answer.
         return Refused(job_id=job_id, reason=error.reason)
+
+    def refusal_stored(self, job_id: str) -> None:
+        """The refused job's null result is stored: a corrected plan may now be sent again
+        under the same job id."""
+        self._s.jobs.release_claim(job_id)
 
 
 class JobFinalizer:

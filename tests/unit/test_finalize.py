@@ -16,7 +16,7 @@ from worker import constants as c
 from worker.events import StageStarted, encode
 from worker.generation import Bill
 from worker.generation.local import LocalImageGenerator
-from worker.lifecycle import JobFinalizer, JobIntake, Launch
+from worker.lifecycle import Duplicate, JobFinalizer, JobIntake, Launch
 from worker.models import ImageOutcome, ImageSpec
 from worker.services import Services
 from worker.settings import Settings
@@ -114,6 +114,11 @@ def test_a_budget_refusal_can_be_sent_again_corrected(services, load_plan) -> No
     plan = load_plan("typical_2x2")
     refused = JobIntake(services).admit(plan["job_id"], plan, 0.006, task_id="t-1")
     assert not isinstance(refused, Launch) and "limit is $0.02" in refused.reason
+    # Issue 20, item 4: until the refusal's null is stored, a corrected start is held off,
+    # or it could forget the result before the null lands, and its readers read the null.
+    early = JobIntake(services).admit(plan["job_id"], plan, 180, task_id="t-2")
+    assert isinstance(early, Duplicate)
+    JobIntake(services).refusal_stored(plan["job_id"])
     again = JobIntake(services).admit(plan["job_id"], plan, 180, task_id="t-2")
     assert isinstance(again, Launch)
     assert services.ledger.totals(plan["job_id"]).limit == Decimal(600)
