@@ -98,6 +98,15 @@ class JobIntake:
             if claimed_by != task_id or (meta is not None and meta.launched):
                 log.info("job_duplicate_ignored", job_id=key, claimed_by=claimed_by)
                 return Duplicate(claimed_by=claimed_by)
+            if meta is not None:
+                # Admission is decided once: the plan stored by the first delivery, with its
+                # seeds (which adoption and cancellation match predictions by), is the plan;
+                # a job that has ended meanwhile is left as it ended.
+                if s.jobs.committed_result(key) is not None:
+                    log.info("job_already_ended", job_id=key)
+                    return Duplicate(claimed_by=claimed_by)
+                stored = JobPlan(key, meta.images, s.ledger.totals(key).limit)
+                return Launch(plan=stored, fresh=False)
         crash_point("start.after_claim")
         try:
             job_plan = plan_job(

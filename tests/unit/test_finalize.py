@@ -319,3 +319,39 @@ def test_a_lost_create_found_at_the_end_is_in_the_committed_cost(
     result = JobFinalizer(services).finalize(job_id)
     assert result["total_cost"] == "0.012"  # both images and the lost prediction's bill
     assert finals(redis_client, job_id)[0]["total_cost"] == "0.012"
+
+
+def test_a_redelivered_start_launches_the_stored_plan_with_its_seeds(services, load_plan) -> None:
+    """Issue 20, item 5: admission is decided once; a redelivered start uses the plan the
+    first one stored, seeds included (adoption and cancellation match predictions by them)."""
+    plan = load_plan("typical_2x2")
+    first = JobIntake(services).admit(plan["job_id"], plan, 180, task_id="t-1")
+    again = JobIntake(services).admit(plan["job_id"], plan, 180, task_id="t-1")
+    assert isinstance(first, Launch) and isinstance(again, Launch) and not again.fresh
+    assert [i.seed for i in again.plan.images] == [i.seed for i in first.plan.images]
+    assert again.plan.budget_limit == first.plan.budget_limit
+
+
+def test_a_start_redelivered_after_its_job_ended_changes_nothing(
+    services, redis_client, load_plan
+) -> None:
+    """Issue 20, item 5: the start died after sending its chord; the small job ended before
+    the start came back. Even with a budget its spending now exceeds, the redelivery adds
+    no event, reopens no ledger, and the job's result stays."""
+    plan = load_plan("minimal_1x1")
+    job_id = plan["job_id"]
+    first = JobIntake(services).admit(job_id, plan, 0.006, task_id="t-1")
+    assert isinstance(first, Launch)
+    for spec in first.plan.images:
+        services.ledger.charge(job_id, spec.key, f"pred-{spec.key}", Decimal("0.009"))
+        record(services, job_id, made(spec.image_type, spec.image_id))
+    result = JobFinalizer(services).finalize(job_id)
+    assert result["status"] == "success"
+    before = history(redis_client, job_id)
+    spent = services.ledger.totals(job_id)
+
+    again = JobIntake(services).admit(job_id, plan, 0.006, task_id="t-1")
+    assert not isinstance(again, Launch)
+    assert history(redis_client, job_id) == before
+    assert services.ledger.totals(job_id) == spent
+    assert services.jobs.committed_result(job_id) == (result,)
