@@ -305,6 +305,22 @@ def test_an_intent_without_an_id_adopts_the_prediction_it_created(
     assert [cp.prediction_id for cp in checkpoints.load(job_id)] == [lost]
 
 
+def test_adoption_reads_back_to_the_intent_however_busy_the_account_and_its_clock(
+    generator, fake, checkpoints, redis_client, job_id, request_for
+) -> None:
+    """Issue 20, item 6: the search goes back to the intent's time, not a number of pages,
+    with a margin for Redis's clock running ahead of Replicate's."""
+    fake.page_size = 2
+    checkpoints.save_intent(job_id, "scene_street", 0)
+    ahead = f"{time.time() + 5:.6f}"  # Redis's clock 5 s ahead of Replicate's
+    redis_client.hset(c.JobKeys(job_id).predictions, "scene_street#0:intent", ahead)
+    lost = create_directly(generator, request_for())
+    for i in range(12):  # six pages of the account's other work since
+        create_directly(generator, request_for(prompt=f"another job {i}"))
+    image = generator.generate(request_for())
+    assert image.prediction_id == lost and fake.create_count == 13
+
+
 def test_an_intent_whose_create_never_arrived_creates_once(
     generator, fake, checkpoints, job_id, request_for
 ) -> None:
