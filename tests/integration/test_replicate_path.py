@@ -226,22 +226,6 @@ def test_a_create_held_open_when_its_worker_dies_is_adopted_not_repeated(
     assert Decimal(run.result["total_cost"]) == job_bills(fake)
 
 
-def test_a_create_whose_answer_is_lost_is_paid_once(fake, start_worker, runner, load_plan) -> None:
-    """Issue 20, item 1: Replicate made and billed the rooftop's prediction, its answer was
-    lost (an edge's 502 during the sync hold; the closed connection is the generator's test).
-    The retry adopts that prediction: one paid prediction per image, nothing cancelled, the
-    job's cost what was billed."""
-    start_worker(fake)
-    fake.default_plan = PredictionPlan(duration=0.6, predict_time=0.5)
-    fake.lose_next_create_answers(delay=0.2, prompt_contains=ROOFTOP)
-    run = runner(load_plan("typical_2x2"), duration_seconds=180)
-
-    assert run.result["status"] == "success"
-    assert len(creates_for(fake, ROOFTOP)) == 1 and len(fake.creates) == 4
-    assert fake.cancels == []
-    assert Decimal(run.result["total_cost"]) == job_bills(fake) == 4 * Decimal("0.5") * PRICE
-
-
 def test_at_the_job_deadline_what_runs_is_cancelled_and_its_bill_committed(
     fake, start_worker, runner, load_plan, broker, token, monkeypatch
 ) -> None:
