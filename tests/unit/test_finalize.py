@@ -355,3 +355,15 @@ def test_a_start_redelivered_after_its_job_ended_changes_nothing(
     assert history(redis_client, job_id) == before
     assert services.ledger.totals(job_id) == spent
     assert services.jobs.committed_result(job_id) == (result,)
+
+
+def test_an_outcome_recorded_again_gives_the_same_answer(services) -> None:
+    """Issue 20, item 7: a command retried after its reply was lost (or a pipeline re-sent)
+    runs record_outcome again; its answer must still say that this outcome doomed the job,
+    or the early stop (and the cancel of what runs) is lost."""
+    job_id, _ = start_job(services, [("scene", "a"), ("character", "c"), ("character", "d")])
+    first = services.jobs.record_outcome(job_id, "scene_a", failed("scene", "a"))
+    again = services.jobs.record_outcome(job_id, "scene_a", failed("scene", "a"))
+    assert first.doomed_now == again.doomed_now == "scenes"
+    other = services.jobs.record_outcome(job_id, "character_c", failed("character", "c"))
+    assert other.doomed_now is None  # the job was doomed by another image
