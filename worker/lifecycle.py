@@ -135,6 +135,7 @@ class JobIntake:
             job_plan.images,
             deadline_s=s.settings.job_deadline_s,
             started_event=encode(StageStarted(total_images=len(job_plan.images))),
+            by=task_id,
         )
         if fresh is None:
             return self._cancelled(key)

@@ -367,3 +367,15 @@ def test_an_outcome_recorded_again_gives_the_same_answer(services) -> None:
     assert first.doomed_now == again.doomed_now == "scenes"
     other = services.jobs.record_outcome(job_id, "character_c", failed("character", "c"))
     assert other.doomed_now is None  # the job was doomed by another image
+
+
+def test_begin_run_again_by_the_same_start_says_it_began_the_job(services) -> None:
+    """Issue 20, item 7: begin_job retried after its reply was lost answered "not fresh", so
+    the start did not forget a refused earlier send's null (item 4)."""
+    job_id = str(uuid.uuid4())
+    specs = [image(job_id, "scene", "a", 1, 1)]
+    started = encode(StageStarted(total_images=1))
+    begin = services.jobs.begin
+    assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-1") is True
+    assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-1") is True
+    assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-2") is False
