@@ -147,6 +147,10 @@ class JobKeys:
         self.predictions = f"{prefix}:predictions"
         self.made = f"{prefix}:made"
 
+    def sent(self, request_id: str) -> str:
+        """The mark of one event's publish request: its retry publishes nothing again."""
+        return f"refgen:job:{{{self.job_id}}}:sent:{request_id}"
+
     def image_lock(self, image_key: str) -> str:
         return f"refgen:job:{{{self.job_id}}}:lock:{image_key}"
 
