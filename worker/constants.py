@@ -123,6 +123,8 @@ JOB_INDEX_TTL_S: Final = EVENTS_STREAM_TTL_S
 LEASES: Final = "refgen:leases"  # sorted set: task id → lease expiry (server clock)
 LEASE_RECORDS: Final = "refgen:lease-records"  # hash: task id → "<token> <message JSON>"
 DEADLINES: Final = "refgen:deadlines"  # sorted set: job id → due time (server clock)
+# hash: delivery tag of an unacked message with no lease → when first seen so (server clock)
+ORPHANS_FIRST_SEEN: Final = "refgen:orphans:first-seen"
 RETENTION_INDEX: Final = "refgen:retention"  # sorted set: job id → when its objects go
 METRICS: Final = "refgen:metrics"  # hash: the cluster's job counters
 WORKERS_SEEN: Final = "refgen:workers"  # sorted set: worker name → last heartbeat (server clock)

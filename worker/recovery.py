@@ -124,6 +124,25 @@ class Deadlines:
         return float(score) if score is not None else None
 
 
+class OrphanClock:
+    """How long each unacked message without a lease has been seen so, on the Redis clock.
+    kombu stamps its unacked index with the delivering host's clock; comparing that with this
+    host's would restore a message too soon (or too late) whenever the two disagree."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        # The backlog's script does exactly this: first-seen times, others forgotten.
+        self._first_seen = register(client, "backlog_first_seen")
+
+    def due(self, tags: list[str], hold_s: float) -> list[str]:
+        """The ``tags`` (every unleased unacked message now) seen so for ``hold_s`` or more;
+        any tag not given is forgotten (acked, or leased, since)."""
+        seen = self._first_seen(keys=[c.ORPHANS_FIRST_SEEN], args=tags)
+        seconds, micros = self._redis.time()
+        now = seconds + micros / 1_000_000
+        return [tag for tag, at in zip(tags, seen, strict=True) if now - float(at) >= hold_s]
+
+
 class Holdings:
     """What this process holds: its deliveries' lease tokens and image locks. The heartbeat
     renews them; a lock the heartbeat finds taken over is dropped here, and its delivery sees

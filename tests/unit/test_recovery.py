@@ -17,6 +17,7 @@ from worker.recovery import (
     Holdings,
     ImageLocks,
     Leases,
+    OrphanClock,
     Ticker,
     Watchdog,
 )
@@ -222,3 +223,19 @@ def test_lease_renewal_never_waits_on_recovery_work(redis_client) -> None:
     finally:
         for ticker in tickers:
             ticker.stop()
+
+
+def test_orphans_are_timed_on_the_redis_clock_not_by_kombus_host_stamps(
+    redis_client, monkeypatch
+) -> None:
+    """Issue 20, item 9: kombu stamps its unacked index with the delivering host's clock. A
+    rescuing host an hour fast must not put back a message taken a moment ago; the time an
+    unleased message has waited is counted on the Redis clock from when it was first seen."""
+    redis_client.delete(c.ORPHANS_FIRST_SEEN)
+    orphans = OrphanClock(redis_client)
+    monkeypatch.setattr(time, "time", lambda: 4_000_000_000.0)  # this host's clock is wrong
+    assert orphans.due(["tag-1", "tag-2"], hold_s=0.3) == []
+    time.sleep(0.4)
+    assert orphans.due(["tag-1", "tag-3"], hold_s=0.3) == ["tag-1"]  # tag-3 only just seen
+    assert orphans.due(["tag-3"], hold_s=0.3) == []  # tag-1 restored (or acked): forgotten
+    assert redis_client.hkeys(c.ORPHANS_FIRST_SEEN) == ["tag-3"]
