@@ -190,6 +190,21 @@ class Holdings:
             return list(self._image_locks.values())
 
 
+class _RetrySafeLock(Lock):
+    """redis-py's ``Lock``, whose acquire survives its own retry: redis-py re-sends a command
+    whose reply was lost (a timeout, a dropped connection), and the re-sent ``SET NX`` finds
+    the key set, by the first send, to this very token. Plain ``Lock`` calls that "held by
+    someone else", and the image waited a lock lifetime for nobody."""
+
+    def do_acquire(self, token: Any) -> bool:
+        if super().do_acquire(token):
+            return True
+        stored = self.redis.get(self.name)
+        if isinstance(stored, str):
+            stored = stored.encode()
+        return stored is not None and stored == token
+
+
 class ImageLocks:
     """One delivery at a time per image: redis-py's ``Lock`` with a token per delivery (not per
     thread: the heartbeat renews it from its own thread)."""
@@ -200,7 +215,7 @@ class ImageLocks:
         self._holdings = holdings
 
     def try_acquire(self, key: str, wait_s: float = 0.0) -> Lock | None:
-        lock = Lock(self._redis, key, timeout=self.ttl_s, sleep=0.1, thread_local=False)
+        lock = _RetrySafeLock(self._redis, key, timeout=self.ttl_s, sleep=0.1, thread_local=False)
         if not lock.acquire(blocking=wait_s > 0, blocking_timeout=wait_s or None):
             return None
         self._holdings.hold_lock(lock)

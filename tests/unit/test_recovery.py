@@ -239,3 +239,24 @@ def test_orphans_are_timed_on_the_redis_clock_not_by_kombus_host_stamps(
     assert orphans.due(["tag-1", "tag-3"], hold_s=0.3) == ["tag-1"]  # tag-3 only just seen
     assert orphans.due(["tag-3"], hold_s=0.3) == []  # tag-1 restored (or acked): forgotten
     assert redis_client.hkeys(c.ORPHANS_FIRST_SEEN) == ["tag-3"]
+
+
+def test_an_image_lock_whose_set_was_sent_twice_is_held_by_its_delivery(
+    redis_client, monkeypatch
+) -> None:
+    """Issue 20, item 7: redis-py re-sends the lock's SET NX when its reply is lost; the
+    second send finds the key holding this delivery's own token. That is the lock acquired,
+    not another delivery's: the image must not wait a lock lifetime for nobody."""
+    from redis.lock import Lock
+
+    locks = ImageLocks(redis_client, ttl_s=20, holdings=Holdings())
+    key = f"lock-{uuid.uuid4().hex}"
+    plain = Lock.do_acquire
+
+    def sent_twice(self: Lock, token: bytes) -> bool:
+        plain(self, token)  # the first send: done, its reply lost
+        return bool(plain(self, token))  # the retry: the key is already set
+
+    monkeypatch.setattr(Lock, "do_acquire", sent_twice)
+    lock = locks.try_acquire(key)
+    assert lock is not None and lock.owned()
