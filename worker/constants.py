@@ -189,3 +189,8 @@ SENT_AT_HEADER: Final = "refgen_sent_at"
 # A job cancelled before any start claimed it is claimed by its cancel: "cancel:<request id>"
 # (worker/cancel.py), so that a start arriving later knows why it may not run.
 CANCEL_CLAIM_PREFIX: Final = "cancel:"
+
+
+def claim_reply(request_id: str) -> str:
+    """The reply of one watchdog claim (leases, deadlines), kept while its claims hold."""
+    return f"refgen:claim-reply:{request_id}"

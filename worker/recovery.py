@@ -92,8 +92,12 @@ class Leases:
     def extend(self, task_id: str, token: str, seconds: float) -> bool:
         return bool(self._extend(keys=self._keys, args=[task_id, token, seconds]))
 
-    def claim_expired(self, claimer: str, *, hold_s: float, limit: int = 100) -> list[Claim]:
-        flat = self._claim(keys=self._keys, args=[limit, hold_s, claimer])
+    def claim_expired(
+        self, claimer: str, *, hold_s: float, limit: int = 100, request_id: str | None = None
+    ) -> list[Claim]:
+        """``request_id``: one per call (redis-py's retry of the call re-sends the same)."""
+        reply = c.claim_reply(request_id or uuid.uuid4().hex)
+        flat = self._claim(keys=[*self._keys, reply], args=[limit, hold_s, claimer])
         triples = zip(flat[0::3], flat[1::3], flat[2::3], strict=True)
         return [Claim(str(t), str(k), json.loads(p)) for t, k, p in triples]
 
@@ -113,8 +117,12 @@ class Deadlines:
         self._redis = client
         self._claim = register(client, "deadline_claim")
 
-    def claim_due(self, *, hold_s: float, limit: int = 50) -> list[str]:
-        return [str(j) for j in self._claim(keys=[c.DEADLINES], args=[limit, hold_s])]
+    def claim_due(
+        self, *, hold_s: float, limit: int = 50, request_id: str | None = None
+    ) -> list[str]:
+        """``request_id``: one per call (redis-py's retry of the call re-sends the same)."""
+        reply = c.claim_reply(request_id or uuid.uuid4().hex)
+        return [str(j) for j in self._claim(keys=[c.DEADLINES, reply], args=[limit, hold_s])]
 
     def done(self, job_id: str) -> None:
         self._redis.zrem(c.DEADLINES, job_id)

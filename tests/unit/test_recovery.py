@@ -260,3 +260,23 @@ def test_an_image_lock_whose_set_was_sent_twice_is_held_by_its_delivery(
     monkeypatch.setattr(Lock, "do_acquire", sent_twice)
     lock = locks.try_acquire(key)
     assert lock is not None and lock.owned()
+
+
+def test_claims_run_again_answer_the_same(redis_client) -> None:
+    """Issue 20, item 7: a claim retried after its reply was lost answered nothing (its
+    leases and deadlines were already pushed out), so recovery waited out the claims' hold."""
+    leases = Leases(redis_client, ttl_s=0.05)
+    task = f"task-{uuid.uuid4().hex}"
+    leases.take(task, {"task": "x"})
+    job = f"job-{uuid.uuid4().hex}"
+    redis_client.zadd(c.DEADLINES, {job: 1.0})  # long due
+    time.sleep(0.1)
+    first = leases.claim_expired("w", hold_s=5, request_id="r-1")
+    again = leases.claim_expired("w", hold_s=5, request_id="r-1")
+    assert [cl.task_id for cl in first] == [task] and again == first
+    assert leases.claim_expired("w", hold_s=5, request_id="r-2") == []
+    deadlines = Deadlines(redis_client)
+    due = deadlines.claim_due(hold_s=5, request_id="d-1")
+    assert job in due and deadlines.claim_due(hold_s=5, request_id="d-1") == due
+    assert job not in deadlines.claim_due(hold_s=5, request_id="d-2")
+    deadlines.done(job)
