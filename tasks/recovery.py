@@ -33,6 +33,7 @@ from tasks.publishing import PUBLISH_ERRORS, publish
 from worker import constants as c
 from worker.crashpoints import fail_point
 from worker.errors import DeliveryAbandoned
+from worker.fairness import QueueAging
 from worker.lifecycle import Cause, JobFinalizer
 from worker.recovery import Heartbeat, OrphanClock, Ticker, Watchdog
 
@@ -84,6 +85,11 @@ def start_threads() -> None:
                 Ticker("refgen_watchdog", watchdog.patrol, watchdog.interval_s),
             ]
         )
+        if s.settings.reference_gen_fairness:
+            period = s.settings.reference_gen_aging_s
+            aging = QueueAging(s.client, s.settings.reference_gen_queues, period)
+            # A quarter of the period: a starved level rises within 1.25 periods.
+            _tickers.append(Ticker("refgen_aging", aging.step, period / 4))
         for ticker in _tickers:
             ticker.start()
         _tickers_pid = os.getpid()

@@ -24,6 +24,16 @@ PRIORITY_LEVELS: Final = tuple(range(PRIORITY_TOP, PRIORITY_LOWEST + 1))
 # these to kombu's): level N > 0 of a queue is the list "<queue>\x06\x16<N>" (level 0 is the
 # queue's own name); messages taken and not yet acknowledged are in the hash "unacked".
 KOMBU_PRIORITY_SEP: Final = "\x06\x16"
+# Aging (worker/fairness.py): a level whose next message has waited this long at its head
+# rises a level; the hash of when each head was first seen there (server clock).
+QUEUE_AGING_S: Final = 60.0
+QUEUE_AGING_MOST: Final = 5000
+
+
+def aging_first_seen(queue: str) -> str:
+    return f"refgen:aging:first-seen:{queue}"
+
+
 KOMBU_UNACKED: Final = "unacked"
 
 # Event types relayed by the SSE gateway (SPEC §7).
