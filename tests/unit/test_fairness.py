@@ -104,9 +104,9 @@ def test_a_starved_level_rises_until_it_is_served_before_the_stream(
     and never into level 0; then they are served before the stream, in their order."""
     import time
 
-    import celeryconfig
     import redis
 
+    import celeryconfig
     from worker.fairness import QueueAging
 
     name = f"aging-{uuid.uuid4().hex[:8]}"
