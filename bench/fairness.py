@@ -11,6 +11,12 @@ And what fairness changes elsewhere, at 0.5 s per image:
   (three quarters of the slots): the price of fairness, paid by the big job;
 - a burst of twelve equal 8-image jobs (one size class, so first come first served);
 - one 4-image job alone (at 1 s).
+
+``python -m bench.fairness starvation`` measures aging alone (issue 20): the 48-image job
+under a stream of 2-image jobs that fills every slot (a job every quarter second at 0.5 s an
+image on 4 slots) for 30 s, with fairness, aging off and aging every 2 s. Without aging the big
+job waits for the stream to end; with it, its level rises every period (at most 1.25 periods,
+the aging tick being a quarter of one) up to level 1, above the stream.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ BIG, SMALL, SMALL_JOBS = 48, 2, 10
 BURST_JOBS, BURST_IMAGES, BURST_LATENCY_S = 12, 8, 0.5
 STREAM_EVERY_S, STREAM_FOR_S = 1 / 3, 10.0
 ALONE_ROUNDS = 5
+STARVE_EVERY_S, STARVE_FOR_S, STARVE_AGING_S = 0.25, 30.0, 2.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,49 @@ def stream(runner: JobRunner) -> Stream:
     big_s = jobs.pop(str(big["job_id"])).latency_s
     small = [job.latency_s for job in jobs.values()]
     return Stream(big_s, statistics.median(small), max(small))
+
+
+def starved(aging_s: float) -> tuple[float, float]:
+    """The big job's latency under a saturating stream, and the stream's median job."""
+    with cluster(
+        LOCAL_GENERATOR_LATENCY_S=str(BURST_LATENCY_S),
+        REFERENCE_GEN_CONCURRENCY=str(SLOTS),
+        REFERENCE_GEN_AGING_S=str(aging_s),
+    ) as (runner, _):
+        runner(load_plan(), timeout_s=60)
+        watch = JobWatch(runner.redis_url, runner.client)
+        try:
+            big = sized_plan(BIG // 2, BIG // 2, label="big")
+            watch.send(big)
+            started = time.perf_counter()
+            for i in range(round(STARVE_FOR_S / STARVE_EVERY_S)):
+                time.sleep(max(0.0, started + i * STARVE_EVERY_S - time.perf_counter()))
+                watch.send(sized_plan(SMALL // 2, SMALL // 2, label=f"starve{i}"))
+            jobs = watch.wait(timeout_s=300)
+        finally:
+            watch.close()
+    big_s = jobs.pop(str(big["job_id"])).latency_s
+    return big_s, statistics.median(job.latency_s for job in jobs.values())
+
+
+def starvation() -> None:
+    rows = []
+    for label, aging_s in (
+        ("aging off", 1e9),
+        (f"aging every {STARVE_AGING_S:g} s", STARVE_AGING_S),
+    ):
+        big_s, small_s = starved(aging_s)
+        mode = "off" if aging_s > 1e6 else "on"
+        figure("fairness_starved_big", big_s, "s", aging=mode)
+        figure("fairness_starved_small_median", small_s, "s", aging=mode)
+        rows.append((f"{label}: big job / stream's median job", f"{big_s:.2f} / {small_s:.2f} s"))
+    bound = (7 - 1) * STARVE_AGING_S * 1.25  # level 7 to level 1, then its own service
+    rows.append(("bound on the big job's wait for level 1", f"{bound:.1f} s + its service"))
+    table(
+        f"Starvation: one {BIG}-image job under a stream filling {SLOTS} slots for "
+        f"{STARVE_FOR_S:g} s ({BURST_LATENCY_S:g} s images)",
+        rows,
+    )
 
 
 def alone(runner: JobRunner) -> float:
@@ -202,4 +252,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    starvation() if sys.argv[1:] == ["starvation"] else main()

@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,16 +26,21 @@ from celery.signals import (
     worker_process_init,
     worker_ready,
 )
+from kombu.exceptions import OperationalError
 
 from tasks.app import app, services
+from tasks.publishing import PUBLISH_ERRORS, publish
 from worker import constants as c
 from worker.crashpoints import fail_point
 from worker.errors import DeliveryAbandoned
+from worker.fairness import QueueAging
 from worker.lifecycle import Cause, JobFinalizer
-from worker.recovery import Heartbeat, Ticker, Watchdog
+from worker.recovery import Heartbeat, OrphanClock, Ticker, Watchdog
 
 log = structlog.get_logger(__name__)
 
+# The oldest unacked messages looked at on each patrol (kombu's index, by delivery time).
+_ORPHANS_SCANNED = 200
 _OUR_TASKS = frozenset({c.TASK_START, c.TASK_GENERATE, c.TASK_FINALIZE, c.TASK_CANCEL})
 _lock = threading.Lock()
 _tickers: list[Ticker] = []
@@ -81,6 +85,11 @@ def start_threads() -> None:
                 Ticker("refgen_watchdog", watchdog.patrol, watchdog.interval_s),
             ]
         )
+        if s.settings.reference_gen_fairness:
+            period = s.settings.reference_gen_aging_s
+            aging = QueueAging(s.client, s.settings.reference_gen_queues, period)
+            # A quarter of the period: a starved level rises within 1.25 periods.
+            _tickers.append(Ticker("refgen_aging", aging.step, period / 4))
         for ticker in _tickers:
             ticker.start()
         _tickers_pid = os.getpid()
@@ -93,38 +102,45 @@ def stop_threads() -> None:
 
 def resend(payload: dict[str, Any]) -> None:
     """Send a lost task again, under its own task id."""
-    fail_point("watchdog.resend")
-    app.signature(payload).apply_async()
+    fail_point("watchdog.resend", error=OperationalError)
+    publish("publish.resend", lambda: app.signature(payload).apply_async())
 
 
 def rescue_orphans() -> None:
     """Our messages that a worker took from the broker and died holding before it leased them:
-    kombu keeps each in its unacked set until the visibility timeout (10 minutes). One that has
-    waited there longer than two lease lifetimes with no lease is back on its queue now (a
-    live worker leases a message within milliseconds of taking it). kombu stamps deliveries
-    with the delivering host's clock; the margin is far wider than any sane skew."""
+    kombu keeps each in its unacked set until the visibility timeout (10 minutes). One seen
+    there with no lease for two lease lifetimes is put back on its queue now (a live worker
+    leases a message within milliseconds of taking it). The time is counted on the Redis clock
+    (``OrphanClock``), not against kombu's scores, which the delivering host's clock stamps."""
     s = services()
     with app.pool.acquire(block=True) as connection:
         channel = connection.default_channel
         qos, client = channel.qos, channel.client
-        ceil = time.time() - 2 * s.leases.ttl_s
-        for tag in client.zrangebyscore(qos.unacked_index_key, 0, ceil, start=0, num=100):
-            raw = client.hget(qos.unacked_key, tag)
+        oldest = client.zrange(qos.unacked_index_key, 0, _ORPHANS_SCANNED - 1)
+        tags = [t.decode() if isinstance(t, bytes) else str(t) for t in oldest]
+        pipe = client.pipeline(transaction=False)
+        for tag in tags:
+            pipe.hget(qos.unacked_key, tag)
+        unleased: dict[str, tuple[str, str]] = {}
+        for tag, raw in zip(tags, pipe.execute(), strict=True):
             if raw is None:
                 continue  # acked meanwhile
             message, _, _ = json.loads(raw)
             headers = message.get("headers") or {}
             task_id, task = headers.get("id"), headers.get("task")
             if task in _OUR_TASKS and task_id and not s.leases.held(task_id):
-                qos.restore_by_tag(tag, client)
-                log.warning("orphaned_message_restored", task_id=task_id, task=task)
+                unleased[tag] = (task_id, task)
+        for tag in OrphanClock(s.client).due(list(unleased), hold_s=2 * s.leases.ttl_s):
+            qos.restore_by_tag(tag, client)
+            task_id, task = unleased[tag]
+            log.warning("orphaned_message_restored", task_id=task_id, task=task)
 
 
 def finalize_and_store(job_id: str, cause: Cause) -> Any:
     """Finalize a job outside its chord and store its result under the job id, as the chord's
     finalize would. The deadline goes only once the result is stored."""
     result = JobFinalizer(services()).finalize(job_id, cause=cause)
-    app.backend.store_result(job_id, result, states.SUCCESS)
+    publish("publish.result", lambda: app.backend.store_result(job_id, result, states.SUCCESS))
     services().deadlines.done(job_id)
     return result
 
@@ -149,14 +165,18 @@ def hand_to_retry(task: Task, retry: dict[str, Any], delay_s: float) -> None:
     s.leases.take(task.request.id, retry, extra_s=delay_s)
 
 
+ABANDONING: tuple[type[BaseException], ...] = (DeliveryAbandoned, redis.RedisError, *PUBLISH_ERRORS)
+
+
 @contextlib.contextmanager
 def abandoned_as_ignored(task: Task) -> Iterator[None]:
     """A delivery that cannot finish ends without a result, keeping its lease: the lease
     expires and the watchdog sends the task again. ``Ignore`` keeps Celery from counting a
-    failure in the chord."""
+    failure in the chord. Redis out of reach counts, whoever says so: redis-py, kombu (a
+    publish) or Celery (a result backend write)."""
     try:
         yield
-    except (DeliveryAbandoned, redis.RedisError) as exc:
+    except ABANDONING as exc:
         services().holdings.drop_lease(task.request.id, _token_of(task))  # left to expire
         task.request.refgen_lease_token = None
         reason = exc.reason if isinstance(exc, DeliveryAbandoned) else type(exc).__name__

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from tasks.app import app, services
 from tasks.backend import ImageNotMade
+from tasks.publishing import publish
 from tasks.recovery import abandoned_as_ignored, finalize_and_store, hand_to_retry
 from worker import admission
 from worker import constants as c
@@ -66,6 +67,8 @@ def report_failed_start(task: Any, job_id: object, error: Exception) -> None:
 
 
 def _start(self: Any, job_id: object, plan: object, duration_seconds: object) -> dict[str, Any]:
+    # All of it under the lease: a refusal whose null cannot be stored yet (Redis away) is
+    # sent again by the watchdog, rather than leave the job id claimed and without a result.
     with abandoned_as_ignored(self):
         intake = JobIntake(services())
         admission = intake.admit(job_id, plan, duration_seconds, task_id=self.request.id or "")
@@ -79,15 +82,17 @@ def _start(self: Any, job_id: object, plan: object, duration_seconds: object) ->
             crash_point("start.after_chord_sent")
             intake.launched(job.job_id)
             return {"job_id": job.job_id, "status": "queued", "total_images": len(job.images)}
-    if isinstance(admission, Duplicate):
-        return {"job_id": job_id, "status": "duplicate", "claimed_by": admission.claimed_by}
-    if isinstance(admission, Cancelled):
-        self.backend.store_result(admission.job_id, None, states.SUCCESS)
-        return {"job_id": admission.job_id, "status": "cancelled"}
-    if admission.job_id is not None:
-        # The text-only answer, readable by job id like any other result.
-        self.backend.store_result(admission.job_id, None, states.SUCCESS)
-    return {"job_id": admission.job_id, "status": "refused", "reason": admission.reason}
+        if isinstance(admission, Duplicate):
+            return {"job_id": job_id, "status": "duplicate", "claimed_by": admission.claimed_by}
+        if isinstance(admission, Cancelled):
+            self.backend.store_result(admission.job_id, None, states.SUCCESS)
+            return {"job_id": admission.job_id, "status": "cancelled"}
+        if admission.job_id is not None:
+            # The text-only answer, readable by job id like any other result; only then may
+            # a corrected plan take the job id (its start forgets this null before it runs).
+            self.backend.store_result(admission.job_id, None, states.SUCCESS)
+            intake.refusal_stored(admission.job_id)
+        return {"job_id": admission.job_id, "status": "refused", "reason": admission.reason}
 
 
 def launch(job: JobPlan) -> None:
@@ -102,7 +107,10 @@ def launch(job: JobPlan) -> None:
             for spec in job.images
         ]
     ).set(task_id=f"{job.job_id}:images")
-    chord(header)(finalize.s(job.job_id).set(task_id=job.job_id, **priority(c.PRIORITY_TOP)))
+    callback = finalize.s(job.job_id).set(task_id=job.job_id, **priority(c.PRIORITY_TOP))
+    crash_point("publish.start_chord")
+    # A broker blip here must not strand the job: the same chord (same ids) is sent again.
+    publish("publish.start_chord", lambda: chord(header)(callback))
 
 
 def priority(level: int) -> dict[str, int]:
@@ -139,13 +147,20 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
             )
             hand_to_retry(self, dict(retry), step.delay_s)
             crash_point("image.after_retry_handover")
-            sent = self.retry(
-                countdown=step.delay_s,
-                max_retries=c.GENERATION_MAX_ATTEMPTS - 1,
-                throw=False,
-                # Flower shows the task as RETRY with this as its exception: the reason.
-                exc=RetryableError(step.reason),
-                **top,
+            crash_point("publish.image_retry")
+            # Celery turns a failed retry publish into Reject(requeue=False), a FAILURE that
+            # fails the chord: it is tried again instead, and if the broker stays away, this
+            # delivery keeps the lease handed to the retry, for the watchdog to send it.
+            sent = publish(
+                "publish.image_retry",
+                lambda: self.retry(
+                    countdown=step.delay_s,
+                    max_retries=c.GENERATION_MAX_ATTEMPTS - 1,
+                    throw=False,
+                    # Flower shows the task as RETRY with this as its exception: the reason.
+                    exc=RetryableError(step.reason),
+                    **top,
+                ),
             )
             crash_point("image.after_retry_sent")
             raise sent

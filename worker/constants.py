@@ -24,6 +24,16 @@ PRIORITY_LEVELS: Final = tuple(range(PRIORITY_TOP, PRIORITY_LOWEST + 1))
 # these to kombu's): level N > 0 of a queue is the list "<queue>\x06\x16<N>" (level 0 is the
 # queue's own name); messages taken and not yet acknowledged are in the hash "unacked".
 KOMBU_PRIORITY_SEP: Final = "\x06\x16"
+# Aging (worker/fairness.py): a level whose next message has waited this long at its head
+# rises a level; the hash of when each head was first seen there (server clock).
+QUEUE_AGING_S: Final = 60.0
+QUEUE_AGING_MOST: Final = 5000
+
+
+def aging_first_seen(queue: str) -> str:
+    return f"refgen:aging:first-seen:{queue}"
+
+
 KOMBU_UNACKED: Final = "unacked"
 
 # Event types relayed by the SSE gateway (SPEC §7).
@@ -123,6 +133,8 @@ JOB_INDEX_TTL_S: Final = EVENTS_STREAM_TTL_S
 LEASES: Final = "refgen:leases"  # sorted set: task id → lease expiry (server clock)
 LEASE_RECORDS: Final = "refgen:lease-records"  # hash: task id → "<token> <message JSON>"
 DEADLINES: Final = "refgen:deadlines"  # sorted set: job id → due time (server clock)
+# hash: delivery tag of an unacked message with no lease → when first seen so (server clock)
+ORPHANS_FIRST_SEEN: Final = "refgen:orphans:first-seen"
 RETENTION_INDEX: Final = "refgen:retention"  # sorted set: job id → when its objects go
 METRICS: Final = "refgen:metrics"  # hash: the cluster's job counters
 WORKERS_SEEN: Final = "refgen:workers"  # sorted set: worker name → last heartbeat (server clock)
@@ -146,6 +158,10 @@ class JobKeys:
         # Prediction checkpoints: per image and attempt, the intent to create and the id.
         self.predictions = f"{prefix}:predictions"
         self.made = f"{prefix}:made"
+
+    def sent(self, request_id: str) -> str:
+        """The mark of one event's publish request: its retry publishes nothing again."""
+        return f"refgen:job:{{{self.job_id}}}:sent:{request_id}"
 
     def image_lock(self, image_key: str) -> str:
         return f"refgen:job:{{{self.job_id}}}:lock:{image_key}"
@@ -183,3 +199,8 @@ SENT_AT_HEADER: Final = "refgen_sent_at"
 # A job cancelled before any start claimed it is claimed by its cancel: "cancel:<request id>"
 # (worker/cancel.py), so that a start arriving later knows why it may not run.
 CANCEL_CLAIM_PREFIX: Final = "cancel:"
+
+
+def claim_reply(request_id: str) -> str:
+    """The reply of one watchdog claim (leases, deadlines), kept while its claims hold."""
+    return f"refgen:claim-reply:{request_id}"

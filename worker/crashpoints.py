@@ -2,8 +2,10 @@
 
 For tests only. ``REFGEN_CRASH_AT=<point>`` makes the process SIGKILL its whole process group
 when it reaches that point: the way a worker dies at an arbitrary instruction, landed exactly
-where state is half-written. ``REFGEN_FAIL_AT=<point>`` raises a broker ``ConnectionError``
-there instead, and ``REFGEN_BUG_AT=<point>`` a ``RuntimeError``: an unexpected fault (a bug),
+where state is half-written. ``REFGEN_FAIL_AT=<point>`` raises there what production raises
+at that point when the broker is gone (the caller names the type: kombu's
+``OperationalError`` for a publish), and ``REFGEN_BUG_AT=<point>`` a ``RuntimeError``: an
+unexpected fault (a bug),
 not a condition the worker expects and rides out. With ``REFGEN_CRASH_FUSE=<file>`` the switch
 fires once across every process that shares the file (the first to create it), so a standby
 worker with the same environment carries on. ``REFGEN_HOLD_AT=<point>`` with
@@ -20,8 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-
-from redis.exceptions import ConnectionError as RedisConnectionError
+from collections.abc import Callable
 
 POINTS = (
     "start.after_claim",
@@ -40,6 +41,16 @@ POINTS = (
     "watchdog.after_claim",
     "watchdog.after_resend",
     "watchdog.resend",
+)
+# Where a message is published: REFGEN_FAIL_AT fails the publish there (once per attempt that
+# the fuse lets through), REFGEN_HOLD_AT holds it (a test stops Redis meanwhile). Not crash
+# points: the campaign's crashes at the points around them cover a death there.
+PUBLISH_POINTS = (
+    "publish.start_chord",
+    "publish.image_retry",
+    "publish.resend",
+    "publish.result",
+    "publish.callback",
 )
 
 _CRASH_AT = os.environ.get("REFGEN_CRASH_AT") or None
@@ -60,9 +71,10 @@ def crash_point(name: str) -> None:
         raise RuntimeError(f"injected fault at {name} (REFGEN_BUG_AT)")
 
 
-def fail_point(name: str) -> None:
+def fail_point(name: str, *, error: Callable[[str], BaseException]) -> None:
+    """``error``: the type production raises here (worker/ does not import kombu)."""
     if _FAIL_AT is not None and name == _FAIL_AT and _light_fuse():
-        raise RedisConnectionError(f"injected failure at {name} (REFGEN_FAIL_AT)")
+        raise error(f"injected failure at {name} (REFGEN_FAIL_AT)")
 
 
 def _hold(path: str) -> None:

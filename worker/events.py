@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import ClassVar, Literal
 
 import redis
@@ -141,7 +142,10 @@ class EventPublisher:
     def publish(self, job_id: str, event: _Payload) -> None:
         message = encode(event)
         try:
-            self._publish(keys=[c.events_stream(job_id)], args=[c.events_channel(job_id), message])
+            request = c.JobKeys(job_id).sent(uuid.uuid4().hex)
+            self._publish(
+                keys=[c.events_stream(job_id), request], args=[c.events_channel(job_id), message]
+            )
         except redis.RedisError as exc:
             # Progress is best effort: a lost event must not fail a paid image.
             log.warning("event_publish_failed", job_id=job_id, error=type(exc).__name__)

@@ -104,11 +104,18 @@ class JobStore:
         self._redis.delete(c.JobKeys(job_id).claim)
 
     def begin(
-        self, job_id: str, images: list[ImageSpec], *, deadline_s: float, started_event: str
+        self,
+        job_id: str,
+        images: list[ImageSpec],
+        *,
+        deadline_s: float,
+        started_event: str,
+        by: str = "",
     ) -> bool | None:
         """Record the job's plan, schedule its deadline and announce it started, once.
-        False when a previous delivery already did; None, with nothing written, when the job
-        was cancelled before it began."""
+        False when a previous delivery already did (True again for the same ``by``: the call
+        retried after its reply was lost); None, with nothing written, when the job was
+        cancelled before it began."""
         keys = c.JobKeys(job_id)
         scenes = sum(1 for i in images if i.image_type == "scene")
         planned = json.dumps([i.model_dump(mode="json") for i in images])
@@ -132,6 +139,7 @@ class JobStore:
                     deadline_s,
                     c.events_channel(job_id),
                     started_event,
+                    by,
                 ],
                 client=pipe,
             ),

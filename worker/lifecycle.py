@@ -4,7 +4,6 @@ or a cancellation's null: worker/cancel.py)."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -16,28 +15,23 @@ from worker import constants as c
 from worker.budget import to_nano
 from worker.crashpoints import crash_point
 from worker.errors import BudgetExceededError, InvalidPlanError, RefgenError
-from worker.events import JobError, Progress, StageCancelled, StageFinished, StageStarted, encode
-from worker.jobs import Commit, DoomReason
+from worker.events import JobError, StageCancelled, StageFinished, StageStarted, encode
+from worker.jobs import Commit
 from worker.metrics import DURATION_BUCKETS_S
 from worker.models import ImageOutcome, ImageSpec, money
 from worker.pipeline import (
     cancelled_reason,
-    failed_outcome,
     generation_request,
-    outcome_event,
     skipped_reason,
 )
 from worker.planning import JobPlan, estimate_cost, plan_job
 from worker.services import Services
+from worker.stopping import stop_spending
 from worker.threshold import build_result
 
 log = structlog.get_logger(__name__)
 
 _MAX_JOB_ID_CHARS = 256
-# How long a doomed job's finalize waits for its images in flight to stop (their predictions
-# are cancelled), so that the final cost includes what they ran.
-_DOOMED_SETTLE_S = 15.0
-
 Cause = Literal["chord", "deadline", "doomed", "cancelled"]
 
 
@@ -104,6 +98,15 @@ class JobIntake:
             if claimed_by != task_id or (meta is not None and meta.launched):
                 log.info("job_duplicate_ignored", job_id=key, claimed_by=claimed_by)
                 return Duplicate(claimed_by=claimed_by)
+            if meta is not None:
+                # Admission is decided once: the plan stored by the first delivery, with its
+                # seeds (which adoption and cancellation match predictions by), is the plan;
+                # a job that has ended meanwhile is left as it ended.
+                if s.jobs.committed_result(key) is not None:
+                    log.info("job_already_ended", job_id=key)
+                    return Duplicate(claimed_by=claimed_by)
+                stored = JobPlan(key, meta.images, s.ledger.totals(key).limit)
+                return Launch(plan=stored, fresh=False)
         crash_point("start.after_claim")
         try:
             job_plan = plan_job(
@@ -132,6 +135,7 @@ class JobIntake:
             job_plan.images,
             deadline_s=s.settings.job_deadline_s,
             started_event=encode(StageStarted(total_images=len(job_plan.images))),
+            by=task_id,
         )
         if fresh is None:
             return self._cancelled(key)
@@ -178,9 +182,15 @@ class JobIntake:
                 result_status="invalid" if isinstance(error, InvalidPlanError) else "refused",
             ),
         )
-        # A corrected plan may be sent again under the same job id.
-        self._s.jobs.release_claim(job_id)
+        # The claim is kept until the refusal's null result is stored (``refusal_stored``):
+        # a corrected start let in sooner could forget the result before the null landed,
+        # and its readers would take the null for its answer.
         return Refused(job_id=job_id, reason=error.reason)
+
+    def refusal_stored(self, job_id: str) -> None:
+        """The refused job's null result is stored: a corrected plan may now be sent again
+        under the same job id."""
+        self._s.jobs.release_claim(job_id)
 
 
 class JobFinalizer:
@@ -205,13 +215,22 @@ class JobFinalizer:
         meta = s.jobs.meta(job_id)
         planned = meta.images if meta is not None else []
         if cause == "deadline":
+            # Nothing paid after the job ends: what runs is cancelled and its bill charged
+            # before the commit.
             reason = (
                 "The image did not finish before the job deadline "
                 f"({s.settings.job_deadline_s:g} s)"
             )
-            self._fail_missing(job_id, planned, reason)
+            stop_spending(s, job_id, planned, skipped=reason, stopped=reason)
         elif cause in ("doomed", "cancelled") and meta is not None and meta.doomed is not None:
-            self._stop_spending(job_id, planned, meta.doomed)
+            stop_spending(
+                s,
+                job_id,
+                planned,
+                skipped=skipped_reason(meta.doomed),
+                stopped=cancelled_reason(meta.doomed),
+            )
+        self._charge_lost(job_id, planned)
         outcomes = {f"{o.image_type}_{o.image_id}": o for o in reported}
         outcomes.update(s.jobs.outcomes(job_id))  # the record wins: it is what events announced
         total = meta.total_images if meta is not None else len(outcomes)
@@ -277,41 +296,11 @@ class JobFinalizer:
             cost_nano=to_nano(spent),
         )
 
-    def _fail_missing(self, job_id: str, planned: list[ImageSpec], reason: str) -> None:
-        """Record a failure for every planned image with no outcome, so that a late delivery
-        of it stops instead of paying."""
-        recorded = self._s.jobs.outcomes(job_id)
-        for spec in planned:
-            if spec.key in recorded:
-                continue
-            outcome = failed_outcome(self._s, spec, reason)
-            self._s.jobs.record_outcome(
-                job_id,
-                spec.key,
-                outcome,
-                announcements=[encode(outcome_event(spec, outcome)), encode(Progress(progress=0))],
-            )
-
-    def _stop_spending(self, job_id: str, planned: list[ImageSpec], doom: DoomReason) -> None:
-        """The job cannot pass: images not started are skipped; images in flight are
-        cancelled at the provider, and their outcomes (with what they ran) are waited for,
-        within bounds, so that the final cost is the cost of what ran."""
+    def _charge_lost(self, job_id: str, planned: list[ImageSpec]) -> None:
+        """A create whose answer was lost and whose prediction no retry found (it reached
+        Replicate after the retry searched) was still billed: stop it and charge it, keyed by
+        its id as every charge is, so that the committed cost is what Replicate billed."""
         s = self._s
-        recorded = s.jobs.outcomes(job_id)
-        waiting = [spec for spec in planned if spec.key not in recorded]
-        running = [spec for spec in waiting if s.locks.is_held(job_id, spec.key)]
-        idle = [spec for spec in waiting if spec not in running]
-        self._fail_missing(job_id, idle, skipped_reason(doom))
-        if running:
-            cancelled = s.generator.cancel_in_flight(
-                job_id,
-                [generation_request(spec, 0, s.settings.image_timeout_s) for spec in running],
-            )
-            log.warning("doomed_job_cancelled", job_id=job_id, predictions=cancelled)
-        settle_by = time.monotonic() + _DOOMED_SETTLE_S
-        while time.monotonic() < settle_by:
-            recorded = s.jobs.outcomes(job_id)
-            if all(spec.key in recorded for spec in running):
-                return
-            time.sleep(0.1)
-        self._fail_missing(job_id, running, cancelled_reason(doom))
+        requests = [generation_request(spec, 0, s.settings.image_timeout_s) for spec in planned]
+        for image_key, bill in s.generator.sweep_lost(job_id, requests):
+            s.ledger.charge(job_id, image_key, bill.ref, bill.cost)

@@ -162,10 +162,15 @@ def request_kind(request: httpx.Request) -> str:
 
 
 def parse_retry_after(raw: str | None) -> float | None:
+    """Seconds, capped at ``RETRY_AFTER_CAP_S`` wherever it is read: the shared back-off
+    holds every worker's requests, and one long (or absurd) value must not stop them all."""
     try:
-        return max(0.0, float(raw)) if raw is not None else None
+        seconds = float(raw) if raw is not None else None
     except ValueError:
         return None  # an HTTP date: rare from Replicate, and the 2 s default is safe
+    if seconds is None or seconds != seconds:  # absent, or NaN
+        return None
+    return min(max(0.0, seconds), c.RETRY_AFTER_CAP_S)
 
 
 class BudgetTransport(httpx.BaseTransport):

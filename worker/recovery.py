@@ -92,8 +92,12 @@ class Leases:
     def extend(self, task_id: str, token: str, seconds: float) -> bool:
         return bool(self._extend(keys=self._keys, args=[task_id, token, seconds]))
 
-    def claim_expired(self, claimer: str, *, hold_s: float, limit: int = 100) -> list[Claim]:
-        flat = self._claim(keys=self._keys, args=[limit, hold_s, claimer])
+    def claim_expired(
+        self, claimer: str, *, hold_s: float, limit: int = 100, request_id: str | None = None
+    ) -> list[Claim]:
+        """``request_id``: one per call (redis-py's retry of the call re-sends the same)."""
+        reply = c.claim_reply(request_id or uuid.uuid4().hex)
+        flat = self._claim(keys=[*self._keys, reply], args=[limit, hold_s, claimer])
         triples = zip(flat[0::3], flat[1::3], flat[2::3], strict=True)
         return [Claim(str(t), str(k), json.loads(p)) for t, k, p in triples]
 
@@ -113,8 +117,12 @@ class Deadlines:
         self._redis = client
         self._claim = register(client, "deadline_claim")
 
-    def claim_due(self, *, hold_s: float, limit: int = 50) -> list[str]:
-        return [str(j) for j in self._claim(keys=[c.DEADLINES], args=[limit, hold_s])]
+    def claim_due(
+        self, *, hold_s: float, limit: int = 50, request_id: str | None = None
+    ) -> list[str]:
+        """``request_id``: one per call (redis-py's retry of the call re-sends the same)."""
+        reply = c.claim_reply(request_id or uuid.uuid4().hex)
+        return [str(j) for j in self._claim(keys=[c.DEADLINES, reply], args=[limit, hold_s])]
 
     def done(self, job_id: str) -> None:
         self._redis.zrem(c.DEADLINES, job_id)
@@ -122,6 +130,25 @@ class Deadlines:
     def due_at(self, job_id: str) -> float | None:
         score = self._redis.zscore(c.DEADLINES, job_id)
         return float(score) if score is not None else None
+
+
+class OrphanClock:
+    """How long each unacked message without a lease has been seen so, on the Redis clock.
+    kombu stamps its unacked index with the delivering host's clock; comparing that with this
+    host's would restore a message too soon (or too late) whenever the two disagree."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        # The backlog's script does exactly this: first-seen times, others forgotten.
+        self._first_seen = register(client, "backlog_first_seen")
+
+    def due(self, tags: list[str], hold_s: float) -> list[str]:
+        """The ``tags`` (every unleased unacked message now) seen so for ``hold_s`` or more;
+        any tag not given is forgotten (acked, or leased, since)."""
+        seen = self._first_seen(keys=[c.ORPHANS_FIRST_SEEN], args=tags)
+        seconds, micros = self._redis.time()
+        now = seconds + micros / 1_000_000
+        return [tag for tag, at in zip(tags, seen, strict=True) if now - float(at) >= hold_s]
 
 
 class Holdings:
@@ -171,6 +198,21 @@ class Holdings:
             return list(self._image_locks.values())
 
 
+class _RetrySafeLock(Lock):
+    """redis-py's ``Lock``, whose acquire survives its own retry: redis-py re-sends a command
+    whose reply was lost (a timeout, a dropped connection), and the re-sent ``SET NX`` finds
+    the key set, by the first send, to this very token. Plain ``Lock`` calls that "held by
+    someone else", and the image waited a lock lifetime for nobody."""
+
+    def do_acquire(self, token: Any) -> bool:
+        if super().do_acquire(token):
+            return True
+        stored = self.redis.get(self.name)
+        if isinstance(stored, str):
+            stored = stored.encode()
+        return stored is not None and stored == token
+
+
 class ImageLocks:
     """One delivery at a time per image: redis-py's ``Lock`` with a token per delivery (not per
     thread: the heartbeat renews it from its own thread)."""
@@ -181,7 +223,7 @@ class ImageLocks:
         self._holdings = holdings
 
     def try_acquire(self, key: str, wait_s: float = 0.0) -> Lock | None:
-        lock = Lock(self._redis, key, timeout=self.ttl_s, sleep=0.1, thread_local=False)
+        lock = _RetrySafeLock(self._redis, key, timeout=self.ttl_s, sleep=0.1, thread_local=False)
         if not lock.acquire(blocking=wait_s > 0, blocking_timeout=wait_s or None):
             return None
         self._holdings.hold_lock(lock)

@@ -41,6 +41,7 @@ NAMES = (
     "ledger_reserve",
     "note_job",
     "publish",
+    "queue_age",
     "ratelimit_admit",
     "ratelimit_back_off",
     "record_outcome",

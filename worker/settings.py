@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     # Smaller jobs first, and start, finalize and retries before images (worker/fairness.py);
     # false: every message in one list per queue, first in first out.
     reference_gen_fairness: bool = True
+    # With fairness: a priority level whose next image has waited this long rises a level, so
+    # a large job under a stream of small ones is served within levels × this (README).
+    reference_gen_aging_s: float = Field(default=c.QUEUE_AGING_S, gt=0)
     max_images_per_job: int = Field(default=c.MAX_IMAGES_PER_JOB, ge=1)
     # How long a job's result and bookkeeping stay readable in Redis (README: Scaling).
     job_state_ttl_s: int = Field(default=c.JOB_STATE_TTL_S, ge=3600)

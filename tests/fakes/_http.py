@@ -67,6 +67,10 @@ class Fault:
     # Only requests whose body contains this text take the fault (e.g. one image's prompt);
     # others pass it by and it stays queued.
     only_if_body_contains: str | None = None
+    # The request is handled (a create makes, runs and bills its prediction) and its answer is
+    # lost on the way back: after ``delay`` the client gets ``status`` (an edge's HTML 502) or,
+    # with ``disconnect``, a closed connection, whatever the handler answered or still holds.
+    lost_answer: bool = False
 
     def applies_to(self, body: bytes) -> bool:
         needle = self.only_if_body_contains
@@ -294,6 +298,9 @@ class FakeHTTPServer:
             self._send(h, refused)
             return
         fault = self._pop_fault(route, body)
+        if fault is not None and fault.lost_answer:
+            self._lose_answer(h, fault, req, match, handler)
+            return
         if fault is not None:
             if fault.delay:
                 self._sleep(fault.delay)
@@ -309,6 +316,27 @@ class FakeHTTPServer:
             self.handler_errors.append(traceback.format_exc())
             resp = json_response(500, {"detail": "fake server bug", "status": 500})
         self._send(h, resp)
+
+    def _lose_answer(
+        self,
+        h: _RequestHandler,
+        fault: Fault,
+        req: RecordedRequest,
+        match: Match[str] | None,
+        handler: Handler | None,
+    ) -> None:
+        """Do the request's work in the background, as the upstream behind an edge would, and
+        answer for the edge: its error (or a closed connection) after ``fault.delay``."""
+        if handler is not None and match is not None:
+            work = threading.Thread(target=handler, args=(req, match), daemon=True)
+            work.start()
+            work.join(timeout=max(fault.delay, 0.05))  # at least long enough to have begun
+        else:
+            self._sleep(fault.delay)
+        if fault.disconnect or fault.status is None:
+            h.close_connection = True
+            return
+        self._send(h, self._fault_response(fault))
 
     def _send(self, h: _RequestHandler, resp: Response) -> None:
         if self._stopping.is_set():

@@ -38,7 +38,9 @@ honouring ``Retry-After``; POST errors surface immediately.
 
 Fault injection (route kinds: ``create``, ``get``, ``cancel``, ``list``, ``file``, ``version``,
 ``unknown``, or ``"*"``): ``inject(kind, Fault(...), times)`` plus the helpers
-``throttle_next_creates``, ``fail_next_creates``, ``reject_next_create_invalid_version``,
+``throttle_next_creates``, ``fail_next_creates``, ``lose_next_create_answers`` (the create is
+made and billed, its answer lost: an edge's 502 or a closed connection),
+``reject_next_create_invalid_version``,
 ``fail_next_gets``, ``delay_next``.  Prediction behaviour is scripted separately with
 ``script_next_prediction(**PredictionPlan fields)``, ``hang_next_prediction`` and
 ``fail_next_prediction`` (FIFO, one plan per successful create; otherwise ``default_plan``).
@@ -105,6 +107,10 @@ __all__ = [
     "make_png",
 ]
 
+_EDGE_502 = (
+    "<html><head><title>502 Bad Gateway</title></head>"
+    "<body><center><h1>502 Bad Gateway</h1></center><hr><center>cloudflare</center></body></html>"
+)
 _OWN = r"(?P<owner>[^/]+)/(?P<name>[^/]+)"
 _PID = r"(?P<id>[^/]+)"
 
@@ -182,6 +188,26 @@ class FakeReplicate(FakeHTTPServer):
 
     def fail_next_creates(self, status: int = 503, times: int = 1) -> None:
         self.inject("create", Fault(status), times)
+
+    def lose_next_create_answers(
+        self,
+        times: int = 1,
+        *,
+        delay: float = 0.2,
+        disconnect: bool = False,
+        prompt_contains: str | None = None,
+    ) -> None:
+        """The next creates are made, run and billed, and their answers lost: an edge's HTML
+        502 after ``delay`` (its sync hold cut short), or a connection closed (a reset)."""
+        fault = Fault(
+            None if disconnect else 502,
+            _EDGE_502,
+            delay=delay,
+            disconnect=disconnect,
+            only_if_body_contains=prompt_contains,
+            lost_answer=True,
+        )
+        self.inject("create", fault, times)
 
     def reject_next_create_invalid_version(self, times: int = 1) -> None:
         resp = problem(422, INVALID_VERSION_DETAIL, INVALID_VERSION_TITLE)

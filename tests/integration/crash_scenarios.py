@@ -201,15 +201,73 @@ def redis_stopped(tmp: Path, plan: dict[str, Any]) -> Callable[[Report], None]:
     return body
 
 
+Scenario = Callable[[Report], None]
+
+
+def lost_create_answer(disconnect: bool) -> Callable[[Path, dict[str, Any]], Scenario]:
+    """Replicate makes and bills the rooftop's prediction; its answer is lost (an edge's 502
+    during the sync hold, or a closed connection). The retry adopts it (issue 20)."""
+
+    def make(tmp: Path, plan: dict[str, Any]) -> Scenario:
+        def body(report: Report) -> None:
+            cluster = Cluster(tmp)
+            cluster.fake.lose_next_create_answers(
+                delay=0.5, disconnect=disconnect, prompt_contains=ROOFTOP
+            )
+            try:
+                start_workers(cluster, ["a", "b"])
+                listener = send(cluster, plan, report)
+                collect(cluster, listener, report, timeout_s=120)
+            finally:
+                cluster.close()
+
+        return body
+
+    return make
+
+
+def redis_gone_at(point: str) -> Callable[[Path, dict[str, Any]], Scenario]:
+    """Redis stops for 3 s exactly at a publish (the switch holds the publisher there while
+    the scenario stops Redis) and comes back with its AOF (issue 20)."""
+
+    def make(tmp: Path, plan: dict[str, Any]) -> Scenario:
+        def body(report: Report) -> None:
+            hold = tmp / "hold"
+            cluster = Cluster(tmp, REFGEN_HOLD_AT=point, REFGEN_HOLD_FILE=str(hold))
+            if point == "publish.image_retry":  # the rooftop's first create fails: a retry
+                cluster.fake.inject("create", Fault(503, only_if_body_contains=ROOFTOP))
+            try:
+                start_workers(cluster, ["a", "b"])
+                listener = send(cluster, plan, report)
+                wait_for(hold.exists, 60, f"a publisher to reach {point}")
+                cluster.broker.stop()
+                hold.unlink()
+                report.note(f"redis-server stopped at {point}")
+                time.sleep(3.0)
+                cluster.broker.start()
+                report.note("redis-server started again (AOF)")
+                collect(cluster, listener, report, timeout_s=120)
+            finally:
+                cluster.close()
+
+        return body
+
+    return make
+
+
 SPECIAL = {
     "kill_during_retry_countdown": kill_during_retry_countdown,
     "two_workers_killed_in_turn": two_workers_killed_in_turn,
     "frozen_for_three_lease_lifetimes": frozen_and_thawed,
     "redis_stopped_longer_than_a_lease": redis_stopped,
+    "lost_create_answer_edge_502": lost_create_answer(disconnect=False),
+    "lost_create_answer_connection_closed": lost_create_answer(disconnect=True),
+    "redis_gone_3_s_at_the_chords_publish": redis_gone_at("publish.start_chord"),
+    "redis_gone_3_s_at_a_retrys_publish": redis_gone_at("publish.image_retry"),
+    "redis_gone_3_s_at_the_callbacks_publish": redis_gone_at("publish.callback"),
 }
 
 
-Scenario = Callable[[Report], None]
 PLAN = Path(__file__).parents[2] / "examples" / "plans" / "typical_2x2.json"
 
 

@@ -187,6 +187,27 @@ def test_invalid_plan_is_refused_and_the_worker_carries_on(
     assert valid.result["status"] == "success"
 
 
+def readme_block(marker: str) -> str:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    after = readme.split(f"<!-- {marker} -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_a_refused_job_sent_again_with_the_readmes_code_gets_its_own_result(
+    worker, run_job, load_plan, client
+) -> None:
+    """Issue 20, item 4: the corrected re-send under the same job id, with the documented
+    client code (README's block, run as it stands), reads this run's result, not the
+    refusal's null."""
+    plan = load_plan("minimal_1x1")
+    refused = run_job(plan, duration_seconds=0.001)  # over budget
+    assert refused.result is None and refused.events[-1][1]["result_status"] == "refused"
+    scope: dict[str, object] = {"app": client, "plan": plan}
+    exec(readme_block("resend-example"), scope)  # the README's own example
+    result = scope["result"]
+    assert isinstance(result, dict) and result["status"] == "success"
+
+
 def test_duplicate_enqueue_runs_once(worker, run_job, load_plan, client) -> None:
     plan = load_plan("minimal_1x1")
     client.send_task("reference_generator.start", kwargs={"job_id": plan["job_id"], "plan": plan})

@@ -308,6 +308,22 @@ def test_an_intent_without_an_id_adopts_the_prediction_it_created(
     assert [cp.prediction_id for cp in checkpoints.load(job_id)] == [lost]
 
 
+def test_adoption_reads_back_to_the_intent_however_busy_the_account_and_its_clock(
+    generator, fake, checkpoints, redis_client, job_id, request_for
+) -> None:
+    """Issue 20, item 6: the search goes back to the intent's time, not a number of pages,
+    with a margin for Redis's clock running ahead of Replicate's."""
+    fake.page_size = 2
+    checkpoints.save_intent(job_id, "scene_street", 0)
+    ahead = f"{time.time() + 5:.6f}"  # Redis's clock 5 s ahead of Replicate's
+    redis_client.hset(c.JobKeys(job_id).predictions, "scene_street#0:intent", ahead)
+    lost = create_directly(generator, request_for())
+    for i in range(12):  # six pages of the account's other work since
+        create_directly(generator, request_for(prompt=f"another job {i}"))
+    image = generator.generate(request_for())
+    assert image.prediction_id == lost and fake.create_count == 13
+
+
 def test_an_intent_whose_create_never_arrived_creates_once(
     generator, fake, checkpoints, job_id, request_for
 ) -> None:
@@ -317,6 +333,46 @@ def test_an_intent_whose_create_never_arrived_creates_once(
     assert fake.create_count == 1
     assert [r.route for r in fake.api_requests] == ["list", "create"]
     assert checkpoints.load(job_id)[0].prediction_id == image.prediction_id
+
+
+@pytest.mark.parametrize("disconnect", [False, True], ids=["edge-502", "connection-closed"])
+def test_a_create_whose_answer_was_lost_is_adopted_by_the_next_attempt(
+    generator, fake, checkpoints, job_id, request_for, disconnect
+) -> None:
+    """Issue 20, item 1: the create reached Replicate, which made and billed the prediction;
+    its answer was lost. The retry (the next attempt, another delivery) finds it by the
+    intent the lost attempt left, instead of paying for a second prediction."""
+    fake.script_next_prediction(duration=0.6, predict_time=0.5)
+    fake.lose_next_create_answers(delay=0.1, disconnect=disconnect)
+    with pytest.raises(RetryableError) as info:
+        generator.generate(request_for(attempt=0))
+    assert info.value.billed is None  # nothing known to bill yet: the retry will find it
+    (lost,) = [call.prediction_id for call in fake.creates]
+    image = generator.generate(request_for(attempt=1))
+    assert image.prediction_id == lost
+    assert len(fake.creates) == 1 and fake.cancels == []
+    assert image.cost == fake.bills(PRICE)[lost]
+    saved = {cp.attempt: cp.prediction_id for cp in checkpoints.load(job_id)}
+    assert saved[0] == lost  # the lost attempt's intent now names what it made
+
+
+def test_a_lost_create_found_after_its_retry_created_is_cancelled_and_billed(
+    generator, fake, checkpoints, job_id, request_for
+) -> None:
+    """A lost create that only shows up on Replicate after the retry had to create again
+    (it was still in transit when the retry searched) is swept at the job's end: cancelled
+    and its bill reported, so that the ledger holds what Replicate billed."""
+    checkpoints.save_intent(job_id, "scene_street", 0)
+    image = generator.generate(request_for(attempt=1))  # searched: nothing, so created
+    fake.script_next_prediction(duration=30, starting_for=0.1)
+    late = create_directly(generator, request_for())  # the lost create lands only now
+    wait_until(lambda: fake.prediction_json(late)["status"] == "processing")
+    ((image_key, bill),) = generator.sweep_lost(job_id, [request_for()])
+    assert (image_key, bill.ref) == ("scene_street", late)
+    assert fake.cancels == [late] and fake.status(late) == "canceled"
+    assert bill.cost == fake.bills(PRICE)[late] > 0
+    assert image.prediction_id != late
+    assert generator.sweep_lost(job_id, [request_for()]) == []  # once
 
 
 def test_an_earlier_attempts_failed_prediction_is_never_adopted(
@@ -385,6 +441,13 @@ def test_cancel_in_flight_cancels_checkpointed_predictions_only_while_running(
     cancelled = generator.cancel_in_flight(job_id, [request_for(), pier])
     assert cancelled == [running]
     assert fake.status(done) == "succeeded" and fake.status(running) == "canceled"
+
+
+def wait_until(predicate, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def create_directly(generator: ReplicateImageGenerator, request: GenerationRequest) -> str:

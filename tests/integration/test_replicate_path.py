@@ -15,12 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tasks.harness import JobRun, JobRunner, WorkerProcess, replicate_worker_env
 from tasks.localredis import RedisServer
 from tests.fakes.replicate_server import CreateCall, FakeReplicate, PredictionPlan
 from worker import constants as c
 from worker.budget import from_nano, to_nano
+from worker.errors import CancelledError
+from worker.generation import GenerationRequest
+from worker.generation.checkpoints import RedisPredictionCheckpoints
+from worker.generation.replicate import ReplicateImageGenerator
+from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 PRICE = c.DEFAULT_HARDWARE_PRICE_PER_S
@@ -208,6 +214,50 @@ def test_a_create_held_open_when_its_worker_dies_is_adopted_not_repeated(
     assert fake.requests_for("list"), "the rescuer looked the prediction up"
     assert '"prediction_adopted"' in rescuer.log_path.read_text()
     assert Decimal(run.result["total_cost"]) == job_bills(fake)
+
+
+def test_at_the_job_deadline_what_runs_is_cancelled_and_its_bill_committed(
+    fake, start_worker, runner, load_plan, broker, token, monkeypatch
+) -> None:
+    """Issue 20, item 2: the rooftop's prediction still runs at the job's deadline. It is
+    cancelled, its run time is charged before the result is committed, and nothing is
+    paid after: the committed cost is what Replicate billed, and stays so."""
+    start_worker(fake, JOB_DEADLINE_S="4")
+    fake.default_plan = PredictionPlan(duration=0.6, predict_time=0.5)
+    fake.script_next_prediction(duration=60, starting_for=0.1, prompt_contains=ROOFTOP)
+    run = runner(load_plan("typical_2x2"), duration_seconds=180)
+
+    (rooftop,) = [call.prediction_id for call in creates_for(fake, ROOFTOP)]
+    assert fake.cancels == [rooftop] and fake.status(rooftop) == "canceled"
+    assert len(fake.creates) == 4
+    assert run.result is not None
+    assert (run.result["status"], run.result["total_references"]) == ("partial", 3)
+    committed = Decimal(run.result["total_cost"])
+    assert committed == job_bills(fake) > 3 * Decimal("0.5") * PRICE
+    final = run.events[-1][1]
+    assert Decimal(str(final["total_cost"])) == committed
+    assert (final["successful_images"], final["failed_images"]) == (3, 1)
+    assert fake.bills(PRICE)[rooftop] > 0  # it ran, and that was charged
+    # A delivery of the rooftop that had passed its state check before the commit (waiting
+    # for the request budget, say) cannot create once the job has ended.
+    monkeypatch.setenv("REPLICATE_BASE_URL", fake.url)
+    settings = Settings(replicate_api_token=token, storage_backend="local")
+    checkpoints = RedisPredictionCheckpoints(
+        redis.Redis.from_url(broker.url, decode_responses=True)
+    )
+    late = ReplicateImageGenerator.from_settings(settings, checkpoints)
+    spec = GenerationRequest(
+        job_id=run.job_id,
+        image_id="rooftop",
+        image_key="scene_rooftop",
+        prompt=fake.creates[0].input["prompt"],
+        negative_prompt="",
+        seed=1,
+        attempt=1,
+    )
+    with pytest.raises(CancelledError):
+        late.generate(spec)
+    assert len(fake.creates) == 4
 
 
 # ----------------------------------------------------------------------- realistic latency

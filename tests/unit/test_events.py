@@ -132,3 +132,17 @@ def test_stream_order_is_the_live_order_under_concurrency(redis_client) -> None:
     replayed = [fields["message"] for _, fields in redis_client.xrange(c.events_stream(job))]
     assert len(live) == 400
     assert replayed == live
+
+
+def test_a_publish_run_again_announces_its_event_once(redis_client) -> None:
+    """Issue 20, item 7: a publish retried after its reply was lost (redis-py retries a
+    command on a timeout) must not put the event twice in the job's history."""
+    from worker.scripts import register
+
+    job_id = "job-publish-once"
+    publish = register(redis_client, "publish")
+    keys = [c.events_stream(job_id), c.JobKeys(job_id).sent("request-1")]
+    args = [c.events_channel(job_id), '{"event_type":"progress","data":{"progress":5}}']
+    assert publish(keys=keys, args=args) == 1
+    assert publish(keys=keys, args=args) == 0
+    assert redis_client.xlen(c.events_stream(job_id)) == 1

@@ -94,3 +94,60 @@ def test_the_redis_transport_serves_priority_zero_first(redis_server: RedisServe
         "image-7",
         "image-9",
     ]
+
+
+def test_a_starved_level_rises_until_it_is_served_before_the_stream(
+    redis_server: RedisServer,
+) -> None:
+    """Issue 20, item 10: a large job's images (level 7) under a stream of 2-image jobs (level
+    2) rise a level each time their next image has waited a period at its head, up to level 1
+    and never into level 0; then they are served before the stream, in their order."""
+    import time
+
+    import redis
+
+    import celeryconfig
+    from worker.fairness import QueueAging
+
+    name = f"aging-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    aging = QueueAging(client, [name], period_s=0.1)
+    received: list[str] = []
+    with Connection(
+        redis_server.url,
+        transport=celeryconfig.broker_transport,
+        transport_options=celeryconfig.broker_transport_options,
+    ) as connection:
+        producer = Producer(connection)
+
+        def send(body: str, priority: int) -> None:
+            producer.publish(
+                body,
+                exchange=queue.exchange,
+                routing_key=name,
+                declare=[queue],
+                priority=priority,
+            )
+
+        for body in ("big-1", "big-2", "big-3"):
+            send(body, 7)
+        send("retry", 0)
+        level_one = f"{name}{c.KOMBU_PRIORITY_SEP}1"
+        for _ in range(100):  # six levels to climb, a period at each
+            aging.patrol()
+            if client.llen(level_one) == 3:
+                break
+            time.sleep(0.05)
+        assert client.llen(level_one) == 3 and client.llen(name) == 1  # level 0: the retry only
+        for body in ("small-1", "small-2"):
+            send(body, 2)
+
+        def on_message(body: str, message: Any) -> None:
+            received.append(body)
+            message.ack()
+
+        with Consumer(connection, [queue], callbacks=[on_message], prefetch_count=1):
+            while len(received) < 6:
+                connection.drain_events(timeout=5)
+    assert received == ["retry", "big-1", "big-2", "big-3", "small-1", "small-2"]

@@ -14,8 +14,9 @@ import pytest
 
 from worker import constants as c
 from worker.events import StageStarted, encode
+from worker.generation import Bill
 from worker.generation.local import LocalImageGenerator
-from worker.lifecycle import JobFinalizer, JobIntake, Launch
+from worker.lifecycle import Duplicate, JobFinalizer, JobIntake, Launch
 from worker.models import ImageOutcome, ImageSpec
 from worker.services import Services
 from worker.settings import Settings
@@ -113,6 +114,11 @@ def test_a_budget_refusal_can_be_sent_again_corrected(services, load_plan) -> No
     plan = load_plan("typical_2x2")
     refused = JobIntake(services).admit(plan["job_id"], plan, 0.006, task_id="t-1")
     assert not isinstance(refused, Launch) and "limit is $0.02" in refused.reason
+    # Issue 20, item 4: until the refusal's null is stored, a corrected start is held off,
+    # or it could forget the result before the null lands, and its readers read the null.
+    early = JobIntake(services).admit(plan["job_id"], plan, 180, task_id="t-2")
+    assert isinstance(early, Duplicate)
+    JobIntake(services).refusal_stored(plan["job_id"])
     again = JobIntake(services).admit(plan["job_id"], plan, 180, task_id="t-2")
     assert isinstance(again, Launch)
     assert services.ledger.totals(plan["job_id"]).limit == Decimal(600)
@@ -288,3 +294,88 @@ def test_the_last_outcome_brings_the_deadline_forward_in_case_the_chord_never_fi
     services.deadlines.done(other)
     record(services, other, made("character", "b"))
     assert services.deadlines.due_at(other) is None
+
+
+class LostAnswerGenerator(LocalImageGenerator):
+    """A generator whose scene "a" had a create whose answer was lost and that no retry
+    found: its prediction turns up at the job's end (issue 20, item 1)."""
+
+    def sweep_lost(self, job_id, requests):  # type: ignore[no-untyped-def]
+        return [(r.image_key, Bill("lost-pred", Decimal("0.002"))) for r in requests][:1]
+
+
+def test_a_lost_create_found_at_the_end_is_in_the_committed_cost(
+    redis_client, tmp_path: Path
+) -> None:
+    services = Services.build(
+        Settings(generator_backend="local", storage_backend="local", job_deadline_s=30),
+        client=redis_client,
+        generator=LostAnswerGenerator(latency_s=0),
+        store=LocalImageStore(tmp_path),
+    )
+    job_id, _ = start_job(services, [("scene", "a"), ("character", "c")])
+    for outcome in (made("scene", "a"), made("character", "c")):
+        record(services, job_id, outcome)
+    result = JobFinalizer(services).finalize(job_id)
+    assert result["total_cost"] == "0.012"  # both images and the lost prediction's bill
+    assert finals(redis_client, job_id)[0]["total_cost"] == "0.012"
+
+
+def test_a_redelivered_start_launches_the_stored_plan_with_its_seeds(services, load_plan) -> None:
+    """Issue 20, item 5: admission is decided once; a redelivered start uses the plan the
+    first one stored, seeds included (adoption and cancellation match predictions by them)."""
+    plan = load_plan("typical_2x2")
+    first = JobIntake(services).admit(plan["job_id"], plan, 180, task_id="t-1")
+    again = JobIntake(services).admit(plan["job_id"], plan, 180, task_id="t-1")
+    assert isinstance(first, Launch) and isinstance(again, Launch) and not again.fresh
+    assert [i.seed for i in again.plan.images] == [i.seed for i in first.plan.images]
+    assert again.plan.budget_limit == first.plan.budget_limit
+
+
+def test_a_start_redelivered_after_its_job_ended_changes_nothing(
+    services, redis_client, load_plan
+) -> None:
+    """Issue 20, item 5: the start died after sending its chord; the small job ended before
+    the start came back. Even with a budget its spending now exceeds, the redelivery adds
+    no event, reopens no ledger, and the job's result stays."""
+    plan = load_plan("minimal_1x1")
+    job_id = plan["job_id"]
+    first = JobIntake(services).admit(job_id, plan, 0.006, task_id="t-1")
+    assert isinstance(first, Launch)
+    for spec in first.plan.images:
+        services.ledger.charge(job_id, spec.key, f"pred-{spec.key}", Decimal("0.009"))
+        record(services, job_id, made(spec.image_type, spec.image_id))
+    result = JobFinalizer(services).finalize(job_id)
+    assert result["status"] == "success"
+    before = history(redis_client, job_id)
+    spent = services.ledger.totals(job_id)
+
+    again = JobIntake(services).admit(job_id, plan, 0.006, task_id="t-1")
+    assert not isinstance(again, Launch)
+    assert history(redis_client, job_id) == before
+    assert services.ledger.totals(job_id) == spent
+    assert services.jobs.committed_result(job_id) == (result,)
+
+
+def test_an_outcome_recorded_again_gives_the_same_answer(services) -> None:
+    """Issue 20, item 7: a command retried after its reply was lost (or a pipeline re-sent)
+    runs record_outcome again; its answer must still say that this outcome doomed the job,
+    or the early stop (and the cancel of what runs) is lost."""
+    job_id, _ = start_job(services, [("scene", "a"), ("character", "c"), ("character", "d")])
+    first = services.jobs.record_outcome(job_id, "scene_a", failed("scene", "a"))
+    again = services.jobs.record_outcome(job_id, "scene_a", failed("scene", "a"))
+    assert first.doomed_now == again.doomed_now == "scenes"
+    other = services.jobs.record_outcome(job_id, "character_c", failed("character", "c"))
+    assert other.doomed_now is None  # the job was doomed by another image
+
+
+def test_begin_run_again_by_the_same_start_says_it_began_the_job(services) -> None:
+    """Issue 20, item 7: begin_job retried after its reply was lost answered "not fresh", so
+    the start did not forget a refused earlier send's null (item 4)."""
+    job_id = str(uuid.uuid4())
+    specs = [image(job_id, "scene", "a", 1, 1)]
+    started = encode(StageStarted(total_images=1))
+    begin = services.jobs.begin
+    assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-1") is True
+    assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-1") is True
+    assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-2") is False

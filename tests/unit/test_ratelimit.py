@@ -206,3 +206,18 @@ def test_the_clients_own_retries_pass_through_the_budget() -> None:
     assert len(calls) == 3
     assert [k for k, _ in budget.admitted] == [OTHER] * 3
     assert [k for k, _ in budget.backed_off] == [OTHER] * 2
+
+
+@pytest.mark.parametrize("header", ["3600", "1e9", "inf"])
+def test_a_long_retry_after_backs_everyone_off_for_at_most_the_cap(header: str) -> None:
+    """Issue 20, item 9: the shared back-off stops every worker's requests of the kind; one
+    long Retry-After must not stop them for an hour (README: at most 30 s)."""
+    budget = RecordingBudget()
+
+    def throttled(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, json={"detail": "throttled"}, headers={"Retry-After": header})
+
+    transport = BudgetTransport(httpx.MockTransport(throttled), budget)
+    with httpx.Client(transport=transport, base_url="https://api.replicate.com") as client:
+        client.get("/v1/predictions/abc")
+    assert budget.backed_off == [(OTHER, c.RETRY_AFTER_CAP_S)]

@@ -17,6 +17,7 @@ from worker.recovery import (
     Holdings,
     ImageLocks,
     Leases,
+    OrphanClock,
     Ticker,
     Watchdog,
 )
@@ -264,3 +265,60 @@ def test_a_ticker_stopped_with_a_wait_lets_the_step_under_way_end_first() -> Non
     ticker.stop(wait_s=5)
     events.append("stopped")
     assert events == ["step ended", "stopped"]
+
+
+def test_orphans_are_timed_on_the_redis_clock_not_by_kombus_host_stamps(
+    redis_client, monkeypatch
+) -> None:
+    """Issue 20, item 9: kombu stamps its unacked index with the delivering host's clock. A
+    rescuing host an hour fast must not put back a message taken a moment ago; the time an
+    unleased message has waited is counted on the Redis clock from when it was first seen."""
+    redis_client.delete(c.ORPHANS_FIRST_SEEN)
+    orphans = OrphanClock(redis_client)
+    monkeypatch.setattr(time, "time", lambda: 4_000_000_000.0)  # this host's clock is wrong
+    assert orphans.due(["tag-1", "tag-2"], hold_s=0.3) == []
+    time.sleep(0.4)
+    assert orphans.due(["tag-1", "tag-3"], hold_s=0.3) == ["tag-1"]  # tag-3 only just seen
+    assert orphans.due(["tag-3"], hold_s=0.3) == []  # tag-1 restored (or acked): forgotten
+    assert redis_client.hkeys(c.ORPHANS_FIRST_SEEN) == ["tag-3"]
+
+
+def test_an_image_lock_whose_set_was_sent_twice_is_held_by_its_delivery(
+    redis_client, monkeypatch
+) -> None:
+    """Issue 20, item 7: redis-py re-sends the lock's SET NX when its reply is lost; the
+    second send finds the key holding this delivery's own token. That is the lock acquired,
+    not another delivery's: the image must not wait a lock lifetime for nobody."""
+    from redis.lock import Lock
+
+    locks = ImageLocks(redis_client, ttl_s=20, holdings=Holdings())
+    key = f"lock-{uuid.uuid4().hex}"
+    plain = Lock.do_acquire
+
+    def sent_twice(self: Lock, token: bytes) -> bool:
+        plain(self, token)  # the first send: done, its reply lost
+        return bool(plain(self, token))  # the retry: the key is already set
+
+    monkeypatch.setattr(Lock, "do_acquire", sent_twice)
+    lock = locks.try_acquire(key)
+    assert lock is not None and lock.owned()
+
+
+def test_claims_run_again_answer_the_same(redis_client) -> None:
+    """Issue 20, item 7: a claim retried after its reply was lost answered nothing (its
+    leases and deadlines were already pushed out), so recovery waited out the claims' hold."""
+    leases = Leases(redis_client, ttl_s=0.05)
+    task = f"task-{uuid.uuid4().hex}"
+    leases.take(task, {"task": "x"})
+    job = f"job-{uuid.uuid4().hex}"
+    redis_client.zadd(c.DEADLINES, {job: 1.0})  # long due
+    time.sleep(0.1)
+    first = leases.claim_expired("w", hold_s=5, request_id="r-1")
+    again = leases.claim_expired("w", hold_s=5, request_id="r-1")
+    assert [cl.task_id for cl in first] == [task] and again == first
+    assert leases.claim_expired("w", hold_s=5, request_id="r-2") == []
+    deadlines = Deadlines(redis_client)
+    due = deadlines.claim_due(hold_s=5, request_id="d-1")
+    assert job in due and deadlines.claim_due(hold_s=5, request_id="d-1") == due
+    assert job not in deadlines.claim_due(hold_s=5, request_id="d-2")
+    deadlines.done(job)

@@ -67,6 +67,10 @@ class PredictionCheckpoints(Protocol):
         self, job_id: str, image_key: str, attempt: int, prediction_id: str
     ) -> None: ...
 
+    def drop_intent(self, job_id: str, image_key: str, attempt: int) -> None:
+        """The create was refused (nothing made): forget its intent."""
+        ...
+
     def mark_cancelled(self, job_id: str) -> None: ...
 
 
@@ -79,4 +83,11 @@ class ImageGenerator(Protocol):
     def cancel_in_flight(self, job_id: str, requests: Sequence[GenerationRequest]) -> list[str]:
         """Stop paying for a job: cancel every prediction of these images still running, and
         create none for the job from now on. Returns the ids cancelled."""
+        ...
+
+    def sweep_lost(
+        self, job_id: str, requests: Sequence[GenerationRequest]
+    ) -> list[tuple[str, Bill]]:
+        """At the job's end: paid calls whose answer was lost and that no attempt took over,
+        stopped, with their bills as (image key, bill), for the ledger."""
         ...

@@ -92,6 +92,12 @@ class RedisPredictionCheckpoints:
 
         self._replication.write("prediction_id", save)
 
+    def drop_intent(self, job_id: str, image_key: str, attempt: int) -> None:
+        """Replicate answered the create with a refusal: nothing was made, so there is
+        nothing for a later attempt to look for."""
+        key = c.JobKeys(job_id).predictions
+        self._redis.hdel(key, f"{image_key}#{attempt}:intent")
+
     def mark_cancelled(self, job_id: str) -> None:
         key = c.JobKeys(job_id).predictions
 

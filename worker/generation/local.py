@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from worker import constants as c
 from worker.errors import ContentRejectedError, ImageTimeoutError, RetryableError
-from worker.generation import GeneratedImage, GenerationRequest
+from worker.generation import Bill, GeneratedImage, GenerationRequest
 
 _DEFAULT_PALETTE = ("#1B1B3A", "#693668", "#A74482", "#F84AA7", "#FF3562")
 
@@ -75,6 +75,11 @@ class LocalImageGenerator:
 
     def cancel_in_flight(self, job_id: str, requests: Sequence[GenerationRequest]) -> list[str]:
         return []  # nothing runs remotely, nothing is billed while it waits
+
+    def sweep_lost(
+        self, job_id: str, requests: Sequence[GenerationRequest]
+    ) -> list[tuple[str, Bill]]:
+        return []  # no call of it is paid remotely, so no answer of one can be lost
 
 
 @functools.lru_cache(maxsize=128)

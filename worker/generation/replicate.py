@@ -33,6 +33,7 @@ from worker.errors import (
     ContentRejectedError,
     ImageTimeoutError,
     PermanentError,
+    RateLimitedError,
     RefgenError,
     RetryableError,
 )
@@ -64,10 +65,11 @@ _POLL_MAX_S = 2.0
 _DEADLINE_GRACE_S = 1.0
 # After an explicit cancel, how long to read the prediction back for its final run time.
 _SETTLE_S = 1.0
-# Looking for a prediction whose create answer was lost: pages of 100, newest first; and
-# how far before the intent a prediction may seem to be created (clocks differ a little).
-_LIST_MAX_PAGES = 5
-_CLOCK_SLACK_S = 1.0
+# Looking for a prediction whose create answer was lost: the listing (pages of 100, newest
+# first) is read back to the intent's time less this margin, for Redis's clock and
+# Replicate's may differ; the page cap only bounds a listing that never gets there.
+_CLOCK_SKEW_S = 30.0
+_LIST_MAX_PAGES = 200
 # A create younger than this may still be on its way when a job's predictions are cancelled.
 _IN_TRANSIT_S = 5.0
 # A create with less time than this left is not worth its request.
@@ -178,49 +180,62 @@ class ReplicateImageGenerator:
         saved = self._checkpoints.load(request.job_id)
         mine = [cp for cp in saved if cp.image_key == request.image_key]
         current = next((cp for cp in mine if cp.attempt == request.attempt), None)
-        if current is not None:
-            deadline = time.monotonic() + request.deadline_s - current.age_s
-            if current.prediction_id is not None:
-                prediction = self._api.get(current.prediction_id, until=_after(deadline))
-                log.info(
-                    "prediction_resumed",
-                    prediction_id=prediction.id,
-                    status=prediction.status,
-                    image=request.image_key,
-                )
-                return _Run(prediction, deadline)
-            others = {cp.prediction_id for cp in mine if cp.prediction_id is not None}
-            found = self._find([(request, current)], exclude=others, until=_after(deadline))
-            if request.image_key in found:
-                prediction = found[request.image_key]
-                self._checkpoints.save_prediction(
-                    request.job_id, request.image_key, request.attempt, prediction.id
-                )
-                log.info(
-                    "prediction_adopted",
-                    prediction_id=prediction.id,
-                    status=prediction.status,
-                    image=request.image_key,
-                )
-                return _Run(prediction, deadline)
+        deadline = time.monotonic() + request.deadline_s - (current.age_s if current else 0.0)
+        if current is not None and current.prediction_id is not None:
+            prediction = self._api.get(current.prediction_id, until=_after(deadline))
+            log.info(
+                "prediction_resumed",
+                prediction_id=prediction.id,
+                status=prediction.status,
+                image=request.image_key,
+            )
+            return _Run(prediction, deadline)
+        adopted = self._adopt_lost(request, mine, deadline)
+        if adopted is not None:
+            return adopted
         reused = self._earlier_success(request, mine)
         return reused if reused is not None else self._create(request)
+
+    def _adopt_lost(
+        self, request: GenerationRequest, mine: list[PredictionCheckpoint], deadline: float
+    ) -> _Run | None:
+        """A create whose answer was lost (a worker that died while it was held open, an
+        edge's 502, a reset, a read timeout) left an intent without an id, this attempt's or
+        an earlier one's: the prediction it made is found on Replicate by its input, searched
+        back to the intent's time, and taken instead of paying for another."""
+        lost = [cp for cp in mine if cp.prediction_id is None and cp.attempt <= request.attempt]
+        if not lost:
+            return None
+        known = {cp.prediction_id for cp in mine if cp.prediction_id is not None}
+        matches = self._match([(request, cp) for cp in lost], exclude=known, until=_after(deadline))
+        if not matches:
+            return None
+        _, owner, prediction = matches[0]  # the earliest lost intent's
+        self._checkpoints.save_prediction(
+            request.job_id, request.image_key, owner.attempt, prediction.id
+        )
+        log.info(
+            "prediction_adopted",
+            prediction_id=prediction.id,
+            status=prediction.status,
+            image=request.image_key,
+            lost_attempt=owner.attempt + 1,
+        )
+        return _Run(prediction, deadline)
 
     def _earlier_success(
         self, request: GenerationRequest, mine: list[PredictionCheckpoint]
     ) -> _Run | None:
         """An earlier attempt's prediction that succeeded (the attempt failed after it, at its
-        upload): its output is still on Replicate for an hour, so this attempt takes it instead
+        upload), or that still runs (adopted after its answer was lost, by a delivery that
+        died since): its output is on Replicate for an hour, so this attempt takes it instead
         of paying for the same image again."""
         deadline = time.monotonic() + request.deadline_s
         for earlier in reversed(mine):
             if earlier.attempt >= request.attempt or earlier.prediction_id is None:
                 continue
             prediction = self._api.get(earlier.prediction_id, until=_after(deadline))
-            if prediction.status == "succeeded":
-                self._checkpoints.save_prediction(
-                    request.job_id, request.image_key, request.attempt, prediction.id
-                )
+            if prediction.status == "succeeded" or not prediction.finished:
                 log.info("prediction_reused", prediction_id=prediction.id, image=request.image_key)
                 return _Run(prediction, deadline)
         return None
@@ -236,14 +251,21 @@ class ReplicateImageGenerator:
         intent = self._checkpoints.save_intent(request.job_id, request.image_key, request.attempt)
         if intent is None:
             raise CancelledError("Cancelled: the job's images were cancelled before this one")
-        prediction = self._api.create(
-            self._version,
-            self.model_input(request),
-            wait_s=sync_wait_s(remaining),
-            cancel_after_s=cancel_after_s(remaining),
-            until=deadline,
-            admitted=True,
-        )
+        try:
+            prediction = self._api.create(
+                self._version,
+                self.model_input(request),
+                wait_s=sync_wait_s(remaining),
+                cancel_after_s=cancel_after_s(remaining),
+                until=deadline,
+                admitted=True,
+            )
+        except (RateLimitedError, PermanentError):
+            # Replicate itself answered no (429, 4xx): nothing was made, nothing to look for.
+            # Any other failure (an edge's 502, a reset, a timeout) may have made one: the
+            # intent stays, for the next attempt to find it.
+            self._checkpoints.drop_intent(request.job_id, request.image_key, request.attempt)
+            raise
         # The hardest instant to die at: Replicate has the prediction, Redis only the intent.
         crash_point("image.after_prediction_created")
         self._checkpoints.save_prediction(
@@ -364,6 +386,43 @@ class ReplicateImageGenerator:
             return False
         return prediction.status == "canceled"
 
+    # ------------------------------------------------------------------ a lost create's bill
+    def sweep_lost(
+        self, job_id: str, requests: Sequence[GenerationRequest]
+    ) -> list[tuple[str, Bill]]:
+        """At the job's end: any prediction made by a create whose answer was lost and that no
+        attempt adopted (it reached Replicate only after the retry had searched) is cancelled
+        if it still runs, and its bill returned, (image key, bill), to be charged."""
+        wanted = {r.image_key: r for r in requests}
+        saved = self._checkpoints.load(job_id)
+        lost = [
+            (wanted[cp.image_key], cp)
+            for cp in saved
+            if cp.prediction_id is None and cp.image_key in wanted
+        ]
+        if not lost:
+            return []
+        known = {cp.prediction_id for cp in saved if cp.prediction_id is not None}
+        until = time.monotonic() + _AFTERMATH_S
+        try:
+            matches = self._match(lost, exclude=known, until=until)
+        except RefgenError as exc:
+            log.error("lost_predictions_not_searched", job_id=job_id, reason=exc.reason)
+            return []
+        bills: list[tuple[str, Bill]] = []
+        for request, cp, prediction in matches:
+            self._checkpoints.save_prediction(job_id, cp.image_key, cp.attempt, prediction.id)
+            bill = self._bill(prediction) if prediction.finished else self._abandon(prediction.id)
+            log.warning(
+                "lost_prediction_swept",
+                job_id=job_id,
+                image=request.image_key,
+                prediction_id=prediction.id,
+                status=prediction.status,
+            )
+            bills.append((request.image_key, bill))
+        return bills
+
     # ------------------------------------------------------------------ finding by input
     def _find(
         self,
@@ -372,24 +431,52 @@ class ReplicateImageGenerator:
         exclude: set[str],
         until: float,
     ) -> dict[str, RemotePrediction]:
-        """The prediction each intent created, found in the account's recent predictions by
-        its input (prompt, negative prompt, seed), created no earlier than the intent."""
-        if not pending:
-            return {}
-        wanted = {_signature(self.model_input(r)): (r.image_key, cp) for r, cp in pending}
-        floor = min(cp.intent_at for _, cp in pending) - _CLOCK_SLACK_S
+        """The prediction each image's earliest intent created (see ``_match``)."""
         found: dict[str, RemotePrediction] = {}
+        for request, _, prediction in self._match(pending, exclude=exclude, until=until):
+            found.setdefault(request.image_key, prediction)
+        return found
+
+    def _match(
+        self,
+        pending: Sequence[tuple[GenerationRequest, PredictionCheckpoint]],
+        *,
+        exclude: set[str],
+        until: float,
+    ) -> list[tuple[GenerationRequest, PredictionCheckpoint, RemotePrediction]]:
+        """The prediction each intent created, found in the account's predictions by its
+        input (prompt, negative prompt, seed): the listing is read, newest first, back to the
+        earliest intent's time less a margin for the clocks' skew (Redis's against
+        Replicate's), however many pages that takes. Each intent, earliest first, takes the
+        earliest prediction created after it that no other intent took; earliest first."""
+        if not pending:
+            return []
+        wanted: dict[
+            tuple[str, str, str] | None, list[tuple[GenerationRequest, PredictionCheckpoint]]
+        ] = {}
+        for request, cp in sorted(pending, key=lambda item: item[1].intent_at):
+            wanted.setdefault(_signature(self.model_input(request)), []).append((request, cp))
+        wanted.pop(None, None)
+        floor = min(cp.intent_at for _, cp in pending) - _CLOCK_SKEW_S
+        candidates: dict[tuple[str, str, str] | None, list[RemotePrediction]] = {}
         for prediction in self._api.recent(until=until, max_pages=_LIST_MAX_PAGES):
             created = prediction.created_at.timestamp() if prediction.created_at else None
             if created is not None and created < floor:
                 break
-            match = wanted.get(_signature(prediction.input))
-            if match is None or prediction.id in exclude:
-                continue
-            key, cp = match
-            if created is None or created >= cp.intent_at - _CLOCK_SLACK_S:
-                found[key] = prediction  # newest first: the last one kept is the earliest
-        return found
+            signature = _signature(prediction.input)
+            if signature in wanted and prediction.id not in exclude:
+                candidates.setdefault(signature, []).append(prediction)
+        matches = []
+        for signature, intents in wanted.items():
+            left = list(reversed(candidates.get(signature, [])))  # earliest first
+            for request, cp in intents:
+                for prediction in left:
+                    created = prediction.created_at.timestamp() if prediction.created_at else None
+                    if created is None or created >= cp.intent_at - _CLOCK_SKEW_S:
+                        left.remove(prediction)
+                        matches.append((request, cp, prediction))
+                        break
+        return sorted(matches, key=lambda match: match[1].intent_at)
 
     # ------------------------------------------------------------------ output
     def _download(self, prediction: RemotePrediction) -> bytes:

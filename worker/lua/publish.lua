@@ -1,5 +1,8 @@
--- Publish one event.
--- KEYS[1] the job's event stream
+-- Publish one event, once: the same call run again (a command retried after its reply was
+-- lost) finds its request's mark and announces nothing a second time.
+-- KEYS[1] the job's event stream, KEYS[2] this request's mark (JobKeys.sent)
 -- ARGV[1] the job's pub/sub channel, ARGV[2] the encoded event
+-- Returns 1 when announced, 0 when this request had been already.
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', 600) then return 0 end
 announce(KEYS[1], ARGV[1], ARGV[2])
-return 0
+return 1

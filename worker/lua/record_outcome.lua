@@ -7,14 +7,18 @@
 -- ARGV[8] seconds the chord has to finalize a job whose every image has an outcome,
 -- ARGV[9..] events to announce; their "completed_images" and "progress" are filled in here, so counts reach
 -- subscribers in the order outcomes landed.
--- Returns {1, outcome, doomed_now} when recorded, {0, outcome on record, 0} otherwise;
--- doomed_now is the reason ('scenes' | 'characters' | 'half') when this outcome is the one that
--- made the job unable to pass, else 0.
+-- Returns {1, outcome, doomed_now} when recorded, {0, outcome on record, doomed_now} otherwise;
+-- doomed_now is the reason ('scenes' | 'characters' | 'half') when this image's outcome is the
+-- one that made the job unable to pass, else 0: the same answer when the call runs again (a
+-- command retried after its reply was lost, a pipeline re-sent), so the early stop is not lost.
 local images, counts, meta, stream, deadlines = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local image, outcome, ok, kind, ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4],
   tonumber(ARGV[5]), ARGV[6]
 if redis.call('HSETNX', images, image, outcome) == 0 then
-  return {0, redis.call('HGET', images, image), 0}
+  local doomed = redis.call('HMGET', meta, 'doomed', 'doomed_by')
+  local again = 0
+  if doomed[1] and doomed[2] == image then again = doomed[1] end
+  return {0, redis.call('HGET', images, image), again}
 end
 local finished = redis.call('HINCRBY', counts, 'finished', 1)
 local succeeded = tonumber(redis.call('HGET', counts, 'succeeded') or '0')
@@ -40,6 +44,7 @@ if ok ~= '1' and total and scenes and characters and succeeded < total then
     reason = 'half'
   end
   if reason and redis.call('HSETNX', meta, 'doomed', reason) == 1 then
+    redis.call('HSET', meta, 'doomed_by', image)
     doomed_now = reason
   end
 end
