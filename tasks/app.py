@@ -25,7 +25,10 @@ from worker.logging import configure_logging
 from worker.services import Services
 from worker.settings import Settings, get_settings
 
-app = Celery("reference_generator", include=["tasks.reference", "tasks.retire", "tasks.presence"])
+app = Celery(
+    "reference_generator",
+    include=["tasks.reference", "tasks.retire", "tasks.presence", "tasks.tracing"],
+)
 app.config_from_object("celeryconfig")
 
 log = structlog.get_logger(__name__)

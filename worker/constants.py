@@ -146,6 +146,8 @@ class JobKeys:
         # Prediction checkpoints: per image and attempt, the intent to create and the id.
         self.predictions = f"{prefix}:predictions"
         self.made = f"{prefix}:made"
+        # Span contexts of the job's trace (worker/tracing.py), written only while tracing is on.
+        self.trace = f"{prefix}:trace"
 
     def image_lock(self, image_key: str) -> str:
         return f"refgen:job:{{{self.job_id}}}:lock:{image_key}"
@@ -162,6 +164,7 @@ class JobKeys:
             self.result,
             self.predictions,
             self.made,
+            self.trace,
         ]
 
 
