@@ -27,7 +27,7 @@ from worker.settings import Settings, get_settings
 
 app = Celery(
     "reference_generator",
-    include=["tasks.reference", "tasks.retire", "tasks.presence", "tasks.tracing"],
+    include=["tasks.reference", "tasks.retire", "tasks.presence", "tasks.tracing", "tasks.warmup"],
 )
 app.config_from_object("celeryconfig")
 
