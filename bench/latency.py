@@ -19,19 +19,28 @@ import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from unittest.mock import patch
 
 import redis
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from bench.common import cluster, figure, load_plan, table
+from tasks import tracing as task_tracing
 from tasks.harness import JobRunner
+from tasks.localredis import RedisServer
 from tests.fakes.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.fakes.replicate_server import FakeReplicate, PredictionPlan
 from worker import constants as c
+from worker import tracing
 from worker.generation import GenerationRequest
 from worker.generation.local import LocalImageGenerator
 from worker.pipeline import generation_request
@@ -203,6 +212,59 @@ def finalized(jobs: list[Job], spans: list[ReceivedSpan]) -> bool:
     return all(j.trace_id in ended for j in jobs)
 
 
+def tracing_work_ms(jobs: int = 200) -> float:
+    """What tracing itself adds to a job, in this process on a real Redis: every span of a
+    4-image job (start, four images of five stages each, finalize with its links) through the
+    worker's own signal handlers and the SDK's batch processor, and the trace hash's reads and
+    writes. An upper bound on the job's added time: most of it runs in parallel, in the images."""
+
+    class Discard(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    def task(name: str, request: dict[str, Any], args: list[Any], body: Any = None) -> None:
+        sent = SimpleNamespace(name=name, request=SimpleNamespace(**request))
+        task_tracing._open_span(task_id=request["id"], task=sent, args=tuple(args), kwargs={})
+        if body is not None:
+            body()
+        task_tracing._close_span(task_id=request["id"], state="SUCCESS")
+
+    def one_job() -> None:
+        job_id, headers = str(uuid.uuid4()), {}  # type: ignore[var-annotated]
+        upstream = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+        task(
+            c.TASK_START,
+            {"id": "s", "traceparent": upstream},
+            [job_id],
+            lambda: task_tracing._propagate(headers=headers),
+        )
+        for index in range(4):
+            spec = {"job_id": job_id, "image_type": "scene", "image_id": f"i{index}"}
+            task(c.TASK_GENERATE, {"id": f"i{index}", "retries": 0, **headers}, [spec], stages)
+        task(c.TASK_FINALIZE, {"id": job_id}, [[], job_id])
+
+    def stages() -> None:
+        for stage in ("prepare", "generate", "ledger", "upload", "record"):
+            with tracing.span(f"refgen.{stage}"):
+                pass
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        built = SimpleNamespace(client=client, settings=SimpleNamespace(job_state_ttl_s=3600))
+        tracing.install(TracerProvider(), [BatchSpanProcessor(Discard())])
+        try:
+            with patch.object(task_tracing, "services", lambda: built):
+                for _ in range(20):
+                    one_job()
+                started = time.perf_counter()
+                for _ in range(jobs):
+                    one_job()
+                return (time.perf_counter() - started) / jobs * 1000
+        finally:
+            tracing.shutdown()
+            client.close()
+
+
 def main() -> None:
     ideal = {"local": local_ideal(), "replicate": LATENCY_S}
     rows: list[tuple[str, str]] = []
@@ -243,6 +305,16 @@ def main() -> None:
                         (f"  {name}", f"{ms:7.1f} ms  {ms / total:6.1%}") for name, ms in steps
                     ]
             figure(f"tracing_cost_{path}", ratios["traced"] / ratios["untraced"], "x", target=1.01)
+    work_ms = tracing_work_ms()
+    figure(
+        "tracing_work_per_job", work_ms, "ms", share_of_ideal=round(work_ms / 1000 / LATENCY_S, 5)
+    )
+    rows.append(
+        (
+            "tracing's own work per job (26 spans, the trace hash), in one process",
+            f"{work_ms:.2f} ms = {work_ms / 10 / LATENCY_S:.2f} % of a 2 s job at most",
+        )
+    )
     table(f"Job latency from outside, 4 images at {LATENCY_S:g} s, median of {ROUNDS}", rows)
     table("Where a job's time goes, along its critical path (from the spans)", shares)
 
