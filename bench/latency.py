@@ -168,14 +168,18 @@ def checkpoints(job: Job, spans: list[ReceivedSpan]) -> list[tuple[str, int]] | 
     last = max(records, key=lambda s: s.end_ns)
     image = next(s for s in mine if s.span_id == last.parent_span_id)
     stages = sorted(
-        (s for s in mine if s.parent_span_id == image.span_id), key=lambda s: s.start_ns
+        (s for s in mine if s.parent_span_id == image.span_id and s.name != "refgen.finalize_now"),
+        key=lambda s: s.start_ns,
     )
+    # The job ends in the last image's own task (refgen.finalize_now), or in the chord's
+    # finalize when that image's task could not end it.
+    ended = min(s.start_ns for s in mine if s.name in ("refgen.finalize_now", "refgen.finalize"))
     generate = next((s for s in stages if s.name == "refgen.generate"), None)
     inside = sorted(
         (s for s in mine if generate and s.parent_span_id == generate.span_id),
         key=lambda s: s.start_ns,
     )
-    start, final = named["refgen.start"], named["refgen.finalize"]
+    start = named["refgen.start"]
     points = [
         ("sent → start picked up", start.start_ns),
         ("start (intake, chord sent) → the last image picked up", image.start_ns),
@@ -186,9 +190,9 @@ def checkpoints(job: Job, spans: list[ReceivedSpan]) -> list[tuple[str, int]] | 
                 points.append((f"  {part.name.removeprefix('refgen.')}", part.end_ns))
         points.append((f"  {stage.name.removeprefix('refgen.')}", stage.end_ns))
     points += [
-        ("recorded → finalize begins (chord callback sent, picked up)", final.start_ns),
-        # The final event leaves from inside finalize, before its span ends.
-        ("finalize, until its final event reaches the subscriber", job.final_ns),
+        ("recorded → the job's end begins", ended),
+        # The final event leaves from inside it, before its span ends.
+        ("the job's end, until its final event reaches the subscriber", job.final_ns),
     ]
     return points
 

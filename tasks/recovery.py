@@ -30,6 +30,7 @@ from celery.signals import (
 
 from tasks.app import app, services
 from worker import constants as c
+from worker import tracing
 from worker.crashpoints import fail_point
 from worker.errors import DeliveryAbandoned
 from worker.lifecycle import Cause, JobFinalizer
@@ -123,9 +124,10 @@ def rescue_orphans() -> None:
 def finalize_and_store(job_id: str, cause: Cause) -> Any:
     """Finalize a job outside its chord and store its result under the job id, as the chord's
     finalize would. The deadline goes only once the result is stored."""
-    result = JobFinalizer(services()).finalize(job_id, cause=cause)
-    app.backend.store_result(job_id, result, states.SUCCESS)
-    services().deadlines.done(job_id)
+    with tracing.span("refgen.finalize_now", job_id=job_id, cause=cause):
+        result = JobFinalizer(services()).finalize(job_id, cause=cause)
+        app.backend.store_result(job_id, result, states.SUCCESS)
+        services().deadlines.done(job_id)
     return result
 
 

@@ -38,7 +38,7 @@ _MAX_JOB_ID_CHARS = 256
 # are cancelled), so that the final cost includes what they ran.
 _DOOMED_SETTLE_S = 15.0
 
-Cause = Literal["chord", "deadline", "doomed", "cancelled"]
+Cause = Literal["chord", "last_image", "deadline", "doomed", "cancelled"]
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,8 @@ def test_one_trace_per_job_and_finalize_links_every_image(
             and g.name == "refgen.generate"
             and s.parent_span_id == g.span_id
         }
-        assert children | under_generate == STAGES, image.attributes["refgen.image_key"]
+        stages = (children | under_generate) - {"refgen.finalize_now"}  # the job's end, below
+        assert stages == STAGES, image.attributes["refgen.image_key"]
 
     (final,) = named["refgen.finalize"]
     assert final.parent_span_id == start.span_id
@@ -123,6 +124,13 @@ def test_one_trace_per_job_and_finalize_links_every_image(
     # may end a moment after finalize begins: Celery hands the chord on before its postrun).
     assert len(named["refgen.record"]) == 4
     assert all(s.end_ns <= final.start_ns for s in named["refgen.record"])
+
+    # The last image to record its outcome ended the job itself, inside its own span; the
+    # chord's finalize came after and found it committed.
+    (ended,) = named["refgen.finalize_now"]
+    assert ended.attributes["refgen.cause"] == "last_image"
+    assert any(ended.parent_span_id == s.span_id for s in images)
+    assert ended.start_ns <= final.start_ns
 
     # Ids only: no prompt text, description or credential in anything sent.
     sent = b"".join(receiver.bodies)

@@ -7,14 +7,14 @@
 -- ARGV[8] seconds the chord has to finalize a job whose every image has an outcome,
 -- ARGV[9..] events to announce; their "completed_images" and "progress" are filled in here, so counts reach
 -- subscribers in the order outcomes landed.
--- Returns {1, outcome, doomed_now} when recorded, {0, outcome on record, 0} otherwise;
+-- Returns {1, outcome, doomed_now, last} when recorded, {0, outcome on record, 0, 0} otherwise;
 -- doomed_now is the reason ('scenes' | 'characters' | 'half') when this outcome is the one that
--- made the job unable to pass, else 0.
+-- made the job unable to pass, else 0; last is 1 when it is the job's last outcome, else 0.
 local images, counts, meta, stream, deadlines = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local image, outcome, ok, kind, ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4],
   tonumber(ARGV[5]), ARGV[6]
 if redis.call('HSETNX', images, image, outcome) == 0 then
-  return {0, redis.call('HGET', images, image), 0}
+  return {0, redis.call('HGET', images, image), 0, 0}
 end
 local finished = redis.call('HINCRBY', counts, 'finished', 1)
 local succeeded = tonumber(redis.call('HGET', counts, 'succeeded') or '0')
@@ -44,11 +44,14 @@ if ok ~= '1' and total and scenes and characters and succeeded < total then
   end
 end
 
--- The last outcome: the chord's callback finalizes the job now. Should it never come (its
--- count lost in a Redis failover, its message lost), the job's deadline, brought forward here,
--- finalizes it instead. XX: a job already finalized has no deadline left to move.
+-- The last outcome: its own task ends the job at once, and the chord's callback again (a no-op
+-- then). Should neither come (its count lost in a Redis failover, its message lost), the job's
+-- deadline, brought forward here, finalizes it instead. XX: a job already finalized has no
+-- deadline left to move.
+local last = 0
 if total and finished >= total then
   redis.call('ZADD', deadlines, 'XX', 'LT', server_now() + tonumber(ARGV[8]), ARGV[7])
+  if finished == total then last = 1 end
 end
 
 for i = 9, #ARGV do
@@ -59,4 +62,4 @@ for i = 9, #ARGV do
   end
   announce(stream, channel, cjson.encode(event))
 end
-return {1, outcome, doomed_now}
+return {1, outcome, doomed_now, last}
