@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from tasks.harness import JobRunner, WorkerProcess, replicate_worker_env
+from tasks.harness import JobRunner, WorkerProcess, local_worker_env, replicate_worker_env
 from tasks.localredis import RedisServer
 from tests.fakes.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.fakes.replicate_server import FakeReplicate
@@ -149,3 +150,38 @@ def test_no_trace_without_the_otel_variables(worker: WorkerProcess, load_plan) -
     client = redis.Redis.from_url(worker.env["REDIS_URL"])
     assert client.exists(c.JobKeys(plan["job_id"]).meta)  # the job's own keys are there
     assert not client.exists(c.JobKeys(plan["job_id"]).trace)
+
+
+def test_a_prefork_worker_traces_from_each_child(
+    receiver: OtlpReceiver, tmp_path: Path, load_plan
+) -> None:
+    """Prefork: each child builds its own provider as it starts (worker_process_init); a
+    provider built in the parent would have lost its export thread in the fork."""
+    with RedisServer() as broker:
+        env = local_worker_env(broker.url, tmp_path / "storage", latency_s=0.1)
+        env.update(
+            REFERENCE_GEN_POOL="prefork",
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+            OTEL_BSP_SCHEDULE_DELAY="50",
+        )
+        runner = JobRunner(broker.url)
+        worker = WorkerProcess(env, tmp_path / "prefork.log", "prefork").start(runner.client)
+        try:
+            plan = load_plan("typical_2x2")
+            trace_id = secrets.token_hex(16)
+            traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+            assert send_with_traceparent(runner, plan, traceparent)["status"] == "success"
+            # The result is there once the last image ended the job; the chord's finalize
+            # (and its span) comes just after.
+            assert receiver.wait_for(
+                lambda spans: any(
+                    s.trace_id == trace_id and s.name == "refgen.finalize" for s in spans
+                ),
+                timeout_s=15,
+            )
+        finally:
+            worker.stop()
+    spans = [s for s in receiver.received() if s.trace_id == trace_id]
+    images = {s.span_id for s in spans if s.name == "refgen.image"}
+    (final,) = [s for s in spans if s.name == "refgen.finalize"]
+    assert len(images) == 4 and {span_id for _, span_id in final.links} == images
