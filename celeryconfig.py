@@ -69,6 +69,11 @@ beat_schedule = {
     "purge-expired-references": {"task": c.TASK_PURGE, "schedule": timedelta(hours=1)},
 }
 
+# One result backend for the whole process, not one per pool thread: each thread's own was
+# built, with its own Redis connections, on the first task that thread ran (issue 23: the first
+# job after a start paid for four). The Redis client under it is thread-safe.
+result_backend_thread_safe = True
+
 task_default_queue = c.DEFAULT_QUEUE
 worker_concurrency = _settings.reference_gen_concurrency
 worker_pool = _settings.reference_gen_pool

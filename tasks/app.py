@@ -27,7 +27,13 @@ from worker.settings import Settings, get_settings
 
 app = Celery(
     "reference_generator",
-    include=["tasks.reference", "tasks.retire", "tasks.presence"],
+    include=[
+        "tasks.reference",
+        "tasks.retire",
+        "tasks.presence",
+        "tasks.tracing",
+        "tasks.warmup",
+    ],
     # A chord's callback published with our retries (tasks/publishing.py).
     amqp="tasks.publishing:RetriedCallbackAMQP",
 )

@@ -190,7 +190,16 @@ def base_worker_env(redis_url: str, storage_dir: Path) -> dict[str, str]:
         k: v
         for k, v in os.environ.items()
         if not k.startswith(
-            ("REDIS_", "REFGEN_", "REPLICATE_", "SUPABASE_", "LOCAL_", "REFERENCE_", "IMAGE_")
+            (
+                "REDIS_",
+                "REFGEN_",
+                "REPLICATE_",
+                "SUPABASE_",
+                "LOCAL_",
+                "REFERENCE_",
+                "IMAGE_",
+                "OTEL_",
+            )
         )
     }
     env.update(

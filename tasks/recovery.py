@@ -31,6 +31,7 @@ from kombu.exceptions import OperationalError
 from tasks.app import app, services
 from tasks.publishing import PUBLISH_ERRORS, publish
 from worker import constants as c
+from worker import tracing
 from worker.crashpoints import fail_point
 from worker.errors import DeliveryAbandoned
 from worker.fairness import QueueAging
@@ -139,9 +140,10 @@ def rescue_orphans() -> None:
 def finalize_and_store(job_id: str, cause: Cause) -> Any:
     """Finalize a job outside its chord and store its result under the job id, as the chord's
     finalize would. The deadline goes only once the result is stored."""
-    result = JobFinalizer(services()).finalize(job_id, cause=cause)
-    publish("publish.result", lambda: app.backend.store_result(job_id, result, states.SUCCESS))
-    services().deadlines.done(job_id)
+    with tracing.span("refgen.finalize_now", job_id=job_id, cause=cause):
+        result = JobFinalizer(services()).finalize(job_id, cause=cause)
+        publish("publish.result", lambda: app.backend.store_result(job_id, result, states.SUCCESS))
+        services().deadlines.done(job_id)
     return result
 
 

@@ -158,6 +158,8 @@ class JobKeys:
         # Prediction checkpoints: per image and attempt, the intent to create and the id.
         self.predictions = f"{prefix}:predictions"
         self.made = f"{prefix}:made"
+        # Span contexts of the job's trace (worker/tracing.py), written only while tracing is on.
+        self.trace = f"{prefix}:trace"
 
     def sent(self, request_id: str) -> str:
         """The mark of one event's publish request: its retry publishes nothing again."""
@@ -178,6 +180,7 @@ class JobKeys:
             self.result,
             self.predictions,
             self.made,
+            self.trace,
         ]
 
 

@@ -64,6 +64,8 @@ class Recorded:
     is_new: bool
     # Set on the one outcome that left the job unable to pass the partial-success rule.
     doomed_now: DoomReason | None = None
+    # Set on the outcome that completed the job: its task ends the job at once (issue 23).
+    last: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ class JobStore:
         One Lua script does both, so subscribers see counts in the order outcomes landed:
         ``completed_images`` and ``progress`` in the encoded events are filled in there."""
         keys = c.JobKeys(job_id)
-        ((is_new, stored, doomed_now),) = self._replication.write(
+        ((is_new, stored, doomed_now, last),) = self._replication.write(
             "outcome",
             lambda pipe: self._record(
                 keys=[keys.images, keys.counts, keys.meta, c.events_stream(job_id), c.DEADLINES],
@@ -216,7 +218,9 @@ class JobStore:
                 client=pipe,
             ),
         )
-        return Recorded(ImageOutcome.model_validate_json(stored), bool(is_new), _doom(doomed_now))
+        return Recorded(
+            ImageOutcome.model_validate_json(stored), bool(is_new), _doom(doomed_now), bool(last)
+        )
 
     def outcomes(self, job_id: str) -> dict[str, ImageOutcome]:
         raw = self._redis.hgetall(c.JobKeys(job_id).images)

@@ -32,7 +32,7 @@ from worker.threshold import build_result
 log = structlog.get_logger(__name__)
 
 _MAX_JOB_ID_CHARS = 256
-Cause = Literal["chord", "deadline", "doomed", "cancelled"]
+Cause = Literal["chord", "last_image", "deadline", "doomed", "cancelled"]
 
 
 @dataclass(frozen=True)

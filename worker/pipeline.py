@@ -16,6 +16,7 @@ import structlog
 from redis.lock import Lock
 
 from worker import constants as c
+from worker import tracing
 from worker.crashpoints import crash_point
 from worker.errors import (
     CancelledError,
@@ -194,15 +195,17 @@ class ImagePipeline:
             return self._stored(spec, attempt, made.generation_time, cost)
         # Everything that could make the paid call pointless is checked before it (a job
         # doomed since is stopped by the cancellation of its predictions).
-        s.store_readiness.check()
-        if not s.locks.still_held(lock):
-            raise DeliveryAbandoned("another delivery took this image over")
-        s.ledger.reserve(spec.job_id, spec.key, RESERVATION_PER_IMAGE)
+        with tracing.span("refgen.prepare"):
+            s.store_readiness.check()
+            if not s.locks.still_held(lock):
+                raise DeliveryAbandoned("another delivery took this image over")
+            s.ledger.reserve(spec.job_id, spec.key, RESERVATION_PER_IMAGE)
         crash_point("image.after_reservation")
         try:
-            generated = s.generator.generate(
-                generation_request(spec, attempt, s.settings.image_timeout_s)
-            )
+            with tracing.span("refgen.generate"):
+                generated = s.generator.generate(
+                    generation_request(spec, attempt, s.settings.image_timeout_s)
+                )
         except BaseException as exc:
             billed = exc.billed if isinstance(exc, RefgenError) else None
             if billed is not None:
@@ -215,28 +218,30 @@ class ImagePipeline:
             )
         # Charged before the upload: the provider has billed us whatever happens next, and the
         # charge is keyed by the paid call, so a retried upload cannot charge again.
-        cost = s.ledger.charge(
-            spec.job_id,
-            spec.key,
-            generated.prediction_id or f"attempt-{attempt}",
-            generated.cost,
-            made_note=MadeImage(generated.generation_time).note(),
-        )
+        with tracing.span("refgen.ledger"):
+            cost = s.ledger.charge(
+                spec.job_id,
+                spec.key,
+                generated.prediction_id or f"attempt-{attempt}",
+                generated.cost,
+                made_note=MadeImage(generated.generation_time).note(),
+            )
         crash_point("image.after_charge")
-        try:
-            storage_call(lambda: s.store.put_png(spec.storage_path, generated.png))
-        except StoreRefusedError:
-            s.store_readiness.refused()
-            raise
-        crash_point("image.after_upload")
-        log.info(
-            "image_stored",
-            job_id=spec.job_id,
-            image=spec.key,
-            cost=money(cost),
-            generation_time=generated.generation_time,
-        )
-        return self._stored(spec, attempt, generated.generation_time, cost)
+        with tracing.span("refgen.upload"):
+            try:
+                storage_call(lambda: s.store.put_png(spec.storage_path, generated.png))
+            except StoreRefusedError:
+                s.store_readiness.refused()
+                raise
+            crash_point("image.after_upload")
+            log.info(
+                "image_stored",
+                job_id=spec.job_id,
+                image=spec.key,
+                cost=money(cost),
+                generation_time=generated.generation_time,
+            )
+            return self._stored(spec, attempt, generated.generation_time, cost)
 
     def _stored(
         self, spec: ImageSpec, attempt: int, generation_time: float, cost: Decimal
@@ -259,12 +264,13 @@ class ImagePipeline:
 
     def conclude(self, spec: ImageSpec, outcome: ImageOutcome) -> Recorded:
         """Record the outcome once and announce it. Returns the outcome on record."""
-        recorded = self._s.jobs.record_outcome(
-            spec.job_id,
-            spec.key,
-            outcome,
-            announcements=[encode(outcome_event(spec, outcome)), encode(Progress(progress=0))],
-        )
+        with tracing.span("refgen.record", ok=outcome.ok):
+            recorded = self._s.jobs.record_outcome(
+                spec.job_id,
+                spec.key,
+                outcome,
+                announcements=[encode(outcome_event(spec, outcome)), encode(Progress(progress=0))],
+            )
         crash_point("image.after_outcome_recorded")
         return recorded
 

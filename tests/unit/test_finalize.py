@@ -225,6 +225,16 @@ def test_the_outcome_that_dooms_a_job_says_so(services) -> None:
     assert services.jobs.doomed(job_id) == "scenes"
 
 
+def test_the_outcome_that_completes_a_job_says_so_once(services) -> None:
+    """Its task ends the job at once, instead of waiting for the chord's callback (issue 23)."""
+    job_id, _ = start_job(services, [("scene", "a"), ("character", "c")])
+    assert not services.jobs.record_outcome(job_id, "scene_a", made("scene", "a")).last
+    last = services.jobs.record_outcome(job_id, "character_c", failed("character", "c"))
+    assert last.last and last.is_new
+    again = services.jobs.record_outcome(job_id, "character_c", made("character", "c"))
+    assert not again.last and not again.is_new  # a redelivery does not end it twice
+
+
 def test_half_failed_dooms_a_job(services) -> None:
     images = [("scene", "a"), ("scene", "b"), ("character", "c"), ("character", "d")]
     images += [("scene", "e")]

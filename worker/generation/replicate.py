@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from replicate.client import Client as ReplicateClient
 
 from worker import constants as c
+from worker import tracing
 from worker.crashpoints import crash_point
 from worker.errors import (
     CancelledError,
@@ -155,7 +156,8 @@ class ReplicateImageGenerator:
         started = time.monotonic()
         run = self._start(request)
         try:
-            prediction = self._await(run, request)
+            with tracing.span("refgen.replicate.wait", polled=not run.prediction.finished):
+                prediction = self._await(run, request)
         except BaseException as exc:
             # Timed out, abandoned (soft time limit, shutdown) or broken: stop the meter.
             bill = self._abandon(run.prediction.id)
@@ -244,28 +246,31 @@ class ReplicateImageGenerator:
         deadline = time.monotonic() + request.deadline_s
         # Admitted here rather than in the transport, so the intent is written the moment
         # before the create leaves, not before a wait for the budget.
-        self._budget.admit(CREATE, deadline)
+        with tracing.span("refgen.replicate.admission"):
+            self._budget.admit(CREATE, deadline)
         remaining = deadline - time.monotonic()
         if remaining < _TOO_LATE_S:
             raise ImageTimeoutError(f"Timed out after {request.deadline_s:g} s")
         intent = self._checkpoints.save_intent(request.job_id, request.image_key, request.attempt)
         if intent is None:
             raise CancelledError("Cancelled: the job's images were cancelled before this one")
-        try:
-            prediction = self._api.create(
-                self._version,
-                self.model_input(request),
-                wait_s=sync_wait_s(remaining),
-                cancel_after_s=cancel_after_s(remaining),
-                until=deadline,
-                admitted=True,
-            )
-        except (RateLimitedError, PermanentError):
-            # Replicate itself answered no (429, 4xx): nothing was made, nothing to look for.
-            # Any other failure (an edge's 502, a reset, a timeout) may have made one: the
-            # intent stays, for the next attempt to find it.
-            self._checkpoints.drop_intent(request.job_id, request.image_key, request.attempt)
-            raise
+        with tracing.span("refgen.replicate.create") as traced:
+            try:
+                prediction = self._api.create(
+                    self._version,
+                    self.model_input(request),
+                    wait_s=sync_wait_s(remaining),
+                    cancel_after_s=cancel_after_s(remaining),
+                    until=deadline,
+                    admitted=True,
+                )
+            except (RateLimitedError, PermanentError):
+                # Replicate itself answered no (429, 4xx): nothing was made, nothing to look
+                # for. Any other failure (an edge's 502, a reset, a timeout) may have made one:
+                # the intent stays, for the next attempt to find it.
+                self._checkpoints.drop_intent(request.job_id, request.image_key, request.attempt)
+                raise
+            traced.set_attribute("refgen.prediction_id", prediction.id)
         # The hardest instant to die at: Replicate has the prediction, Redis only the intent.
         crash_point("image.after_prediction_created")
         self._checkpoints.save_prediction(
@@ -297,7 +302,8 @@ class ReplicateImageGenerator:
         self, prediction: RemotePrediction, run: _Run, request: GenerationRequest
     ) -> bytes:
         if prediction.status == "succeeded":
-            return self._download(prediction)
+            with tracing.span("refgen.replicate.download"):
+                return self._download(prediction)
         if prediction.status == "aborted":
             raise ImageTimeoutError(
                 f"Timed out after {request.deadline_s:g} s before Replicate started the image "

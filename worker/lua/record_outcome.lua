@@ -7,10 +7,12 @@
 -- ARGV[8] seconds the chord has to finalize a job whose every image has an outcome,
 -- ARGV[9..] events to announce; their "completed_images" and "progress" are filled in here, so counts reach
 -- subscribers in the order outcomes landed.
--- Returns {1, outcome, doomed_now} when recorded, {0, outcome on record, doomed_now} otherwise;
--- doomed_now is the reason ('scenes' | 'characters' | 'half') when this image's outcome is the
--- one that made the job unable to pass, else 0: the same answer when the call runs again (a
--- command retried after its reply was lost, a pipeline re-sent), so the early stop is not lost.
+-- Returns {1, outcome, doomed_now, last} when recorded, {0, outcome on record, doomed_now, 0}
+-- otherwise; doomed_now is the reason ('scenes' | 'characters' | 'half') when this image's outcome
+-- is the one that made the job unable to pass, else 0: the same answer when the call runs again
+-- (a command retried after its reply was lost, a pipeline re-sent), so the early stop is not
+-- lost. last is 1 when it is the job's last outcome, else 0 (0 on a repeat: the chord's finalize
+-- then ends the job).
 local images, counts, meta, stream, deadlines = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local image, outcome, ok, kind, ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4],
   tonumber(ARGV[5]), ARGV[6]
@@ -18,7 +20,7 @@ if redis.call('HSETNX', images, image, outcome) == 0 then
   local doomed = redis.call('HMGET', meta, 'doomed', 'doomed_by')
   local again = 0
   if doomed[1] and doomed[2] == image then again = doomed[1] end
-  return {0, redis.call('HGET', images, image), again}
+  return {0, redis.call('HGET', images, image), again, 0}
 end
 local finished = redis.call('HINCRBY', counts, 'finished', 1)
 local succeeded = tonumber(redis.call('HGET', counts, 'succeeded') or '0')
@@ -49,11 +51,14 @@ if ok ~= '1' and total and scenes and characters and succeeded < total then
   end
 end
 
--- The last outcome: the chord's callback finalizes the job now. Should it never come (its
--- count lost in a Redis failover, its message lost), the job's deadline, brought forward here,
--- finalizes it instead. XX: a job already finalized has no deadline left to move.
+-- The last outcome: its own task ends the job at once, and the chord's callback again (a no-op
+-- then). Should neither come (its count lost in a Redis failover, its message lost), the job's
+-- deadline, brought forward here, finalizes it instead. XX: a job already finalized has no
+-- deadline left to move.
+local last = 0
 if total and finished >= total then
   redis.call('ZADD', deadlines, 'XX', 'LT', server_now() + tonumber(ARGV[8]), ARGV[7])
+  if finished == total then last = 1 end
 end
 
 for i = 9, #ARGV do
@@ -64,4 +69,4 @@ for i = 9, #ARGV do
   end
   announce(stream, channel, cjson.encode(event))
 end
-return {1, outcome, doomed_now}
+return {1, outcome, doomed_now, last}

@@ -1,0 +1,96 @@
+"""What the first job after a worker starts would otherwise pay, paid at start instead.
+
+The first job on a fresh worker took longer than the next ones (issue 23: about 150 ms; the
+spans of ``bench/latency.py`` put it in the first images' start): Redis connections opened one
+by one as the slots first need them, every Lua script sent in full on its first call (a
+``NOSCRIPT`` and a second round trip), Pillow's PNG plugin and zlib loaded on the first image,
+the models' first serialisation. None of it needs a job: done here, as the worker starts.
+
+Celery-free; ``tasks/warmup.py`` calls it from the worker's start-up signals.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from decimal import Decimal
+
+import structlog
+from PIL import Image
+
+from worker import scripts
+from worker.events import ImageCompleted, Progress, encode
+from worker.models import ImageOutcome
+from worker.services import Services
+
+log = structlog.get_logger(__name__)
+
+
+def warm(services: Services, connections: int) -> float:
+    """Warm this process for ``connections`` tasks at once. Returns the seconds it took.
+    Best effort: a failure is logged and the worker starts all the same (the first job then
+    pays what is left, as before)."""
+    started = time.perf_counter()
+    for step in (_redis, _scripts, _pillow, _models):
+        try:
+            step(services, connections)
+        except Exception as exc:
+            log.warning("warmup_step_failed", step=step.__name__.strip("_"), error=repr(exc))
+    took = time.perf_counter() - started
+    log.info("worker_warmed", took_ms=round(took * 1000, 1), connections=connections)
+    return took
+
+
+def _redis(services: Services, connections: int) -> None:
+    # As many connections as tasks that can run at once, plus the lease keeper's and one for
+    # the events, open before the first of them is needed.
+    pool = services.client.connection_pool
+    held = [pool.get_connection() for _ in range(connections + 2)]
+    try:
+        for connection in held:
+            connection.connect()  # type: ignore[no-untyped-call]
+    finally:
+        for connection in held:
+            pool.release(connection)
+
+
+def _scripts(services: Services, _: int) -> None:
+    # In the server's script cache, so the first EVALSHA of each is answered, not refused.
+    pipe = services.client.pipeline(transaction=False)
+    for name in scripts.NAMES:
+        pipe.script_load(scripts.source(name))
+    pipe.execute()
+
+
+def _pillow(_: Services, __: int) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", compress_level=1)
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        image.load()
+
+
+def _models(_: Services, __: int) -> None:
+    outcome = ImageOutcome(
+        image_type="scene",
+        image_id="warmup",
+        ok=True,
+        prompt_used="",
+        image_url="http://localhost/warmup.png",
+        generation_time=0.0,
+        cost=Decimal(0),
+        retry_count=0,
+    )
+    ImageOutcome.model_validate(outcome.model_dump(mode="json"))
+    encode(
+        ImageCompleted(
+            image_type="scene",
+            image_id="warmup",
+            image_url="http://localhost/warmup.png",
+            generation_time=0.0,
+            cost=Decimal(0),
+            retry_count=0,
+            completed_images=0,
+            total_images=1,
+        )
+    )
+    encode(Progress(progress=0))
