@@ -1,9 +1,14 @@
 """Runs the gateway under uvicorn, with the project's logging: a start-up line that says
 where it listens, one access-log line per request (``gateway.access``), and uvicorn's own
-lines in the same format (JSON with ``LOG_FORMAT=json``)."""
+lines in the same format (JSON with ``LOG_FORMAT=json``).
+
+For crowds (README: Scaling the gateway): the open-file limit is raised to its hard limit at
+start (one descriptor per stream), connections must send their headers in time, and running
+out of descriptors is answered 503 (``gateway/door.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import sys
@@ -12,6 +17,8 @@ import structlog
 import uvicorn
 
 from gateway.app import create_app
+from gateway.door import OutOfDescriptors, header_timeout_protocol
+from gateway.limits import raise_fd_limit
 from worker.logging import configure_logging, install_redaction, renderer
 from worker.settings import Settings
 
@@ -22,6 +29,7 @@ class _Server(uvicorn.Server):
     """uvicorn's server, announcing its address once it is bound (a failed bind exits)."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        OutOfDescriptors().install(asyncio.get_running_loop())
         await super().startup(sockets)
         for server in getattr(self, "servers", []):
             for bound in server.sockets or []:
@@ -68,10 +76,14 @@ def setup_logging(settings: Settings) -> None:
 
 def serve(settings: Settings, *, host: str, port: int) -> None:
     setup_logging(settings)
+    fd_limit = raise_fd_limit()
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, fd_limit=fd_limit),
         host=host,
         port=port,
+        http=header_timeout_protocol(settings.gateway_header_timeout_s),
+        # A crowd arriving at once waits in the kernel's queue rather than being turned away.
+        backlog=4096,
         log_config=None,
         # Our access log (gateway.access) leaves out query strings, which hold signatures.
         access_log=False,
