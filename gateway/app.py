@@ -344,7 +344,7 @@ def create_app(
         finally:
             await gateway.fanout.stop()
 
-    return Starlette(
+    app = Starlette(
         lifespan=lifespan,
         routes=[
             Route("/", gateway.index),
@@ -360,3 +360,5 @@ def create_app(
             redis.TimeoutError: _redis_unavailable,
         },
     )
+    app.state.fanout = gateway.fanout  # the server ends open streams with it at shutdown
+    return app

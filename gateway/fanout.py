@@ -90,6 +90,10 @@ def entries(reply: Any) -> list[Entry]:
     return [Entry.of(str(i), str((f or {}).get("message", "{}"))) for i, f in reply or []]
 
 
+# Wakes a waiting viewer at shutdown; never sent.
+_CLOSING = Entry("0-0", (0, 0), b"", final=True)
+
+
 class Viewer:
     """One viewer's place in the fan-out: a bounded queue, and whether it was dropped."""
 
@@ -134,6 +138,7 @@ class Fanout:
         self._task: asyncio.Task[None] | None = None
         self.heartbeat = clock()
         self.down_since: float | None = None
+        self.closing = False
 
     # viewers -----------------------------------------------------------------------------
 
@@ -169,6 +174,19 @@ class Fanout:
                 asyncio.ensure_future(self._pubsub.unsubscribe(channel)).add_done_callback(
                     _ignore_outcome
                 )
+
+    def close(self) -> None:
+        """The process is stopping: every viewer ends its stream now (its browser reconnects,
+        to another gateway or to this one restarted), so shutdown does not wait for them."""
+        self.closing = True
+        for job in self._jobs.values():
+            if not job.ready.done():
+                job.ready.set_result(None)
+            for viewer in job.viewers:
+                viewer.dropped = True
+                with contextlib.suppress(asyncio.QueueFull):
+                    viewer.queue.put_nowait(_CLOSING)
+            job.viewers.clear()
 
     # health ------------------------------------------------------------------------------
 
@@ -282,15 +300,14 @@ class Fanout:
             self._rung.clear()
             for first in range(0, len(rung), _STREAMS_PER_XREAD):
                 batch = rung[first : first + _STREAMS_PER_XREAD]
-                cursors: dict[Any, Any] = {
-                    c.events_stream(j): self._jobs[j].cursor for j in batch if j in self._jobs
-                }
+                jobs = {c.events_stream(j): j for j in batch if j in self._jobs}
+                cursors: dict[Any, Any] = {key: self._jobs[j].cursor for key, j in jobs.items()}
                 if not cursors:
                     continue
                 reply: Any = await self._redis.xread(cursors, count=_ENTRIES_PER_STREAM)
                 self.heartbeat = self._clock()
                 for stream, found in reply or []:
-                    job_id = str(stream)[len(c.events_stream("")) :]
+                    job_id = jobs[str(stream)]
                     self._dispatch(job_id, entries(found))
                     if len(found) == _ENTRIES_PER_STREAM:
                         self._rung.add(job_id)  # more where these came from

@@ -114,16 +114,17 @@ class EventFeed:
         try:
             while not viewer.ready.done():  # the reader follows the job (Redis may be away)
                 await self._wait_or_ping(send, asyncio.shield(viewer.ready))
-            if await self._replay(send):
+            if await self._replay(send, viewer):
                 return
             await self._follow(send, viewer, ends)
         finally:
             self._fanout.leave(viewer)
 
-    async def _replay(self, send: Send) -> bool:
-        """The stream after the cursor; True when it held the final event."""
+    async def _replay(self, send: Send, viewer: Viewer) -> bool:
+        """The stream after the cursor; True when it held the final event (or the viewer
+        was dropped meanwhile)."""
         backoff = 0.1
-        while True:
+        while not viewer.dropped:
             low = "-" if self._cursor == "0-0" else f"({self._cursor}"
             try:
                 reply = await self._redis.xrange(
@@ -140,6 +141,7 @@ class EventFeed:
                     return True
             if len(found) < _REPLAY_BATCH:
                 return False
+        return True
 
     async def _follow(self, send: Send, viewer: Viewer, ends: float) -> None:
         sent = id_key(self._cursor)

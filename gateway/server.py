@@ -12,6 +12,8 @@ import asyncio
 import logging
 import socket
 import sys
+from collections.abc import Callable
+from types import FrameType
 
 import structlog
 import uvicorn
@@ -27,6 +29,16 @@ log = structlog.get_logger("gateway")
 
 class _Server(uvicorn.Server):
     """uvicorn's server, announcing its address once it is bound (a failed bind exits)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Open streams would hold shutdown forever: they end now, and their browsers
+        # reconnect with Last-Event-ID (to another gateway, or to this one restarted).
+        super().handle_exit(sig, frame)
+        self._on_exit()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         OutOfDescriptors().install(asyncio.get_running_loop())
@@ -77,8 +89,9 @@ def setup_logging(settings: Settings) -> None:
 def serve(settings: Settings, *, host: str, port: int) -> None:
     setup_logging(settings)
     fd_limit = raise_fd_limit()
+    app = create_app(settings, fd_limit=fd_limit)
     config = uvicorn.Config(
-        create_app(settings, fd_limit=fd_limit),
+        app,
         host=host,
         port=port,
         http=header_timeout_protocol(settings.gateway_header_timeout_s),
@@ -89,4 +102,4 @@ def serve(settings: Settings, *, host: str, port: int) -> None:
         access_log=False,
         log_level="warning",
     )
-    _Server(config).run()
+    _Server(config, on_exit=app.state.fanout.close).run()
