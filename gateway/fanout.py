@@ -11,7 +11,8 @@ stream is the truth), and after a reconnection every watched job is read from it
 
 A viewer (``gateway/feed.py``) subscribes first, then replays the stream after its own cursor
 with ``XRANGE``, then takes its queue, skipping ids it already sent: no gap, no duplicate.
-A viewer whose queue is full is dropped, never waited for; it resumes with ``Last-Event-ID``.
+A viewer whose queue is full is let go, never waited for; it catches up from the stream after
+the last id it sent (``gateway/feed.py``).
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ class Fanout:
                 try:
                     viewer.queue.put_nowait(entry)
                 except asyncio.QueueFull:
-                    # Never wait for one viewer: it leaves, and resumes with Last-Event-ID.
+                    # Never wait for one viewer: it catches up from the stream by itself.
                     viewer.dropped = True
                     job.viewers.discard(viewer)
                     self._metrics.dropped.inc()

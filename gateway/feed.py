@@ -2,10 +2,11 @@
 
 The viewer joins the fan-out first (``gateway/fanout.py``), then replays the job's stream
 after its cursor (``Last-Event-ID``) with ``XRANGE``, then follows its queue, skipping what it
-already sent: so replay and resume are exact. The stream ends after the job's final event,
-when the viewer falls behind (its queue full, or its client not reading for
-``GATEWAY_WRITE_TIMEOUT_S``), or at the end of its lifetime; a browser then reconnects by
-itself with ``Last-Event-ID`` and carries on. Keep-alive comments fill quiet spells, and a
+already sent: so replay and resume are exact. A viewer whose queue overflowed is let go by
+the fan-out; it catches up from the stream after the last id it sent, at its client's pace,
+and joins again. The stream ends after the job's final event, at the end of its lifetime,
+when the process stops, or when its client stops reading for ``GATEWAY_WRITE_TIMEOUT_S``;
+a browser then reconnects by itself with ``Last-Event-ID`` and carries on. Keep-alive comments fill quiet spells, and a
 Redis that is away is waited for, however long the client stays.
 """
 
@@ -83,7 +84,7 @@ class EventFeed:
                 await self._stream(send)
             except _Stalled:
                 # Left unfinished: the server closes the connection; the client resumes.
-                self._metrics.dropped.inc()
+                self._metrics.stalled.inc()
                 return
             except asyncio.CancelledError:
                 task = asyncio.current_task()
@@ -110,21 +111,23 @@ class EventFeed:
         lifetime = self._options.lifetime_s * random.uniform(0.9, 1.0)
         ends = time.monotonic() + lifetime
         await self._write(send, f"retry: {random.randint(*_RECONNECT_MS)}\r\n\r\n".encode())
-        viewer = self._fanout.join(self._job_id)
-        try:
-            while not viewer.ready.done():  # the reader follows the job (Redis may be away)
-                await self._wait_or_ping(send, asyncio.shield(viewer.ready))
-            if await self._replay(send, viewer):
-                return
-            await self._follow(send, viewer, ends)
-        finally:
-            self._fanout.leave(viewer)
+        while True:
+            viewer = self._fanout.join(self._job_id)
+            try:
+                while not viewer.ready.done():  # the reader follows the job (Redis away?)
+                    await self._wait_or_ping(send, asyncio.shield(viewer.ready))
+                if await self._replay(send) or await self._follow(send, viewer, ends):
+                    return
+            finally:
+                self._fanout.leave(viewer)
+            # Fell behind: the fan-out let this viewer go rather than wait for it. It catches
+            # up from the stream at its own pace, and joins again.
 
-    async def _replay(self, send: Send, viewer: Viewer) -> bool:
-        """The stream after the cursor; True when it held the final event (or the viewer
-        was dropped meanwhile)."""
+    async def _replay(self, send: Send) -> bool:
+        """The stream after the cursor; True when the stream is over (the final event sent,
+        or the process stopping)."""
         backoff = 0.1
-        while not viewer.dropped:
+        while not self._fanout.closing:
             low = "-" if self._cursor == "0-0" else f"({self._cursor}"
             try:
                 reply = await self._redis.xrange(
@@ -143,12 +146,14 @@ class EventFeed:
                 return False
         return True
 
-    async def _follow(self, send: Send, viewer: Viewer, ends: float) -> None:
+    async def _follow(self, send: Send, viewer: Viewer, ends: float) -> bool:
+        """Live events from the viewer's queue; True when the stream is over (the final
+        event, the end of its lifetime, the process stopping), False when it fell behind."""
         sent = id_key(self._cursor)
         while not viewer.dropped:
             left = ends - time.monotonic()
             if left <= 0:
-                return  # lifetime over: the client reconnects and resumes
+                return True  # the client reconnects and resumes
             try:
                 async with asyncio.timeout(min(left, self._options.keepalive_s)):
                     entry = await viewer.queue.get()
@@ -159,9 +164,9 @@ class EventFeed:
             if entry.key <= sent:
                 continue  # replayed already
             if await self._send_entry(send, entry):
-                return
+                return True
             sent = entry.key
-        # Dropped for falling behind: end here; the browser resumes after what it got.
+        return self._fanout.closing
 
     async def _send_entry(self, send: Send, entry: Entry) -> bool:
         await self._write(send, entry.frame)

@@ -1,6 +1,6 @@
 """What ``/metrics`` says about the event streams (README: Scaling the gateway): streams open,
-viewers in the fan-out, events fanned out, viewers dropped for falling behind, and streams
-refused at the door and why."""
+viewers in the fan-out, events fanned out, viewers dropped for falling behind, streams whose
+client stopped reading, and streams refused at the door and why."""
 
 from __future__ import annotations
 
@@ -28,7 +28,14 @@ class StreamMetrics:
         )
         self.dropped = Counter(
             "refgen_gateway_viewers_dropped",
-            "Viewers dropped for falling behind (they resume with Last-Event-ID).",
+            "Viewers let go by the fan-out for falling behind (each catches up from the "
+            "stream by itself).",
+            registry=registry,
+        )
+        self.stalled = Counter(
+            "refgen_gateway_streams_stalled",
+            "Streams closed because their client stopped reading (it resumes with "
+            "Last-Event-ID).",
             registry=registry,
         )
         self.refused = Counter(
