@@ -6,8 +6,9 @@ already sent: so replay and resume are exact. A viewer whose queue overflowed is
 the fan-out; it catches up from the stream after the last id it sent, at its client's pace,
 and joins again. The stream ends after the job's final event, at the end of its lifetime,
 when the process stops, or when its client stops reading for ``GATEWAY_WRITE_TIMEOUT_S``;
-a browser then reconnects by itself with ``Last-Event-ID`` and carries on. Keep-alive comments fill quiet spells, and a
-Redis that is away is waited for, however long the client stays.
+a browser then reconnects by itself with ``Last-Event-ID`` and carries on. Keep-alive
+comments fill quiet spells, and a Redis that is away is waited for, however long the client
+stays.
 """
 
 from __future__ import annotations

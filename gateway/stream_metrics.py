@@ -34,8 +34,7 @@ class StreamMetrics:
         )
         self.stalled = Counter(
             "refgen_gateway_streams_stalled",
-            "Streams closed because their client stopped reading (it resumes with "
-            "Last-Event-ID).",
+            "Streams closed because their client stopped reading (it resumes with Last-Event-ID).",
             registry=registry,
         )
         self.refused = Counter(
