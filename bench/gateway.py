@@ -3,9 +3,10 @@ shared reader (``refgen gateway``) and the old design (``bench/legacy_gateway.py
 ``XREAD`` per stream) in the same run.
 
 Events flow while the streams are open: every job gets an event every ``EVENT_EVERY_S`` (at a
-random phase; its final one at its first turn after the flow), published by the worker's own publisher (``worker.events.EventPublisher``, the
-Lua ``announce`` a worker uses), then its final ``stage_update``. Viewers (``tasks/crowd.py``)
-run in ``CLIENT_PROCESSES`` processes of their own, ``VIEWERS_PER_JOB`` per job.
+random phase), then at its next turn its final ``stage_update``, published by the worker's
+own publisher (``worker.events.EventPublisher``, the Lua ``announce`` a worker uses). Viewers
+(``tasks/crowd.py``) run in ``CLIENT_PROCESSES`` processes of their own, ``VIEWERS_PER_JOB``
+per job.
 
 Figures per design and size: p50/p99 delay from ``published_at`` (Redis's clock) to receipt,
 the share of deliveries made (every event to every viewer of its job), the gateway's RSS per
