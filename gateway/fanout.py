@@ -45,6 +45,9 @@ _DOORBELLS_PER_ROUND = 2000
 _STREAMS_PER_XREAD = 500
 _ENTRIES_PER_STREAM = 100
 _BACKOFF_MAX_S = 2.0
+# Viewers replaying at once: a crowd connecting together waits its turn here, so the
+# connections it takes from Redis stay few whatever the crowd.
+_REPLAYS_AT_ONCE = 32
 _CHANNEL_PREFIX = c.events_channel("")
 
 
@@ -140,6 +143,7 @@ class Fanout:
         self.heartbeat = clock()
         self.down_since: float | None = None
         self.closing = False
+        self.replays = asyncio.Semaphore(_REPLAYS_AT_ONCE)
 
     # viewers -----------------------------------------------------------------------------
 

@@ -131,9 +131,10 @@ class EventFeed:
         while not self._fanout.closing:
             low = "-" if self._cursor == "0-0" else f"({self._cursor}"
             try:
-                reply = await self._redis.xrange(
-                    c.events_stream(self._job_id), min=low, max="+", count=_REPLAY_BATCH
-                )
+                async with self._fanout.replays:
+                    reply = await self._redis.xrange(
+                        c.events_stream(self._job_id), min=low, max="+", count=_REPLAY_BATCH
+                    )
             except (RedisConnectionError, RedisTimeoutError):
                 # The reader says so in the log, once for the process.
                 await self._wait_or_ping(send, asyncio.sleep(backoff))

@@ -19,6 +19,7 @@ _PUBLISHED_AT = '"published_at":'
 @dataclass
 class Viewer(asyncio.Protocol):
     path: str
+    extra_headers: str = ""  # "Name: value\r\n" lines
     status: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)
@@ -36,7 +37,8 @@ class Viewer(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.write(
-            f"GET {self.path} HTTP/1.1\r\nHost: crowd\r\nAccept: text/event-stream\r\n\r\n".encode()
+            f"GET {self.path} HTTP/1.1\r\nHost: crowd\r\nAccept: text/event-stream\r\n"
+            f"{self.extra_headers}\r\n".encode()
         )
 
     def data_received(self, data: bytes) -> None:
@@ -103,17 +105,26 @@ class Viewer(asyncio.Protocol):
 
 
 async def open_viewers(
-    host: str, port: int, paths: list[str], *, at_once: int = 200, timeout_s: float = 60
+    host: str,
+    port: int,
+    paths: list[str],
+    *,
+    at_once: int = 200,
+    timeout_s: float = 60,
+    source: str | None = None,
+    headers: str = "",
 ) -> list[Viewer]:
     """One viewer per path, opened ``at_once`` at a time; each has its status (or is closed)
-    when this returns."""
+    when this returns. ``source``: the local address to connect from (another loopback
+    address is another client); ``headers``: extra request header lines."""
     loop = asyncio.get_running_loop()
-    viewers = [Viewer(path) for path in paths]
+    viewers = [Viewer(path, headers) for path in paths]
+    local = (source, 0) if source else None
 
     async def one(viewer: Viewer) -> None:
         viewer.opened = loop.create_future()
         try:
-            await loop.create_connection(lambda: viewer, host, port)
+            await loop.create_connection(lambda: viewer, host, port, local_addr=local)
         except OSError:
             viewer.closed = True
             return
