@@ -49,7 +49,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from gateway.access import AccessLog
 from gateway.fanout import Fanout
-from gateway.feed import EventFeed, FeedOptions
+from gateway.feed import EventFeed, FeedOptions, FeedTimer
 from gateway.limits import Refusal, StreamLimits, effective_cap
 from gateway.pages import escape, index_page, load_templates, template, unavailable_page
 from gateway.stream import is_stream_id, stream_client
@@ -146,10 +146,12 @@ class Gateway:
             settings.gateway_max_streams_per_client,
             self._stream_metrics,
         )
-        self._feed_options = FeedOptions(
-            keepalive_s=settings.gateway_keepalive_s,
-            lifetime_s=settings.gateway_stream_lifetime_s,
-            write_timeout_s=settings.gateway_write_timeout_s,
+        self.feed_timer = FeedTimer(
+            FeedOptions(
+                keepalive_s=settings.gateway_keepalive_s,
+                lifetime_s=settings.gateway_stream_lifetime_s,
+                write_timeout_s=settings.gateway_write_timeout_s,
+            )
         )
         self._lookups = asyncio.Semaphore(_LOOKUPS_AT_ONCE)
 
@@ -224,13 +226,7 @@ class Gateway:
                 headers={"Retry-After": str(slot.retry_after_s), "Cache-Control": "no-store"},
             )
         feed = EventFeed(
-            self.fanout,
-            self._streams,
-            self._stream_metrics,
-            self._feed_options,
-            job_id,
-            last_id,
-            slot,
+            self.fanout, self.feed_timer, self._streams, self._stream_metrics, job_id, last_id, slot
         )
         return _AsgiResponse(feed)
 
@@ -339,9 +335,11 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         gateway.fanout.start()
+        gateway.feed_timer.start()
         try:
             yield
         finally:
+            await gateway.feed_timer.stop()
             await gateway.fanout.stop()
 
     app = Starlette(

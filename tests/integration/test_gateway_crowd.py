@@ -103,6 +103,7 @@ def test_2000_streams_with_events_flowing_each_get_every_event_of_their_job(
     broker, gateway_env, tmp_path
 ) -> None:
     viewers_per_job, rounds = 10, 5
+    gateway_env.update(GATEWAY_MAX_STREAMS_PER_CLIENT="2000")  # one test process: one client
     with start(broker, gateway_env, tmp_path / "gateway.log") as gateway:
         jobs = new_jobs(gateway, 200)
         before = connected_clients(gateway)

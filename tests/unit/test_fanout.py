@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from gateway.fanout import Fanout, Viewer
-from gateway.feed import EventFeed, FeedOptions
+from gateway.feed import EventFeed, FeedOptions, FeedTimer
 from gateway.limits import Refusal, Slot, StreamLimits, effective_cap
 from gateway.stream_metrics import StreamMetrics
 from worker import constants as c
@@ -60,12 +60,15 @@ class Rig:
         self.metrics = StreamMetrics(CollectorRegistry())
         self.fanout = Fanout(self.client, self.metrics, queue_size=queue_size, patience_s=30)
         self.limits = StreamLimits(100, 100, self.metrics)
+        self.timer = FeedTimer(OPTIONS)
 
     async def __aenter__(self) -> Rig:
         self.fanout.start()
+        self.timer.start()
         return self
 
     async def __aexit__(self, *_: object) -> None:
+        await self.timer.stop()
         await self.fanout.stop()
         await self.client.aclose()
 
@@ -77,7 +80,9 @@ class Rig:
     def feed(self, job_id: str, after: str | None = None) -> Feed:
         slot = self.limits.admit("127.0.0.1")
         assert isinstance(slot, Slot)
-        return Feed(EventFeed(self.fanout, self.client, self.metrics, OPTIONS, job_id, after, slot))
+        return Feed(
+            EventFeed(self.fanout, self.timer, self.client, self.metrics, job_id, after, slot)
+        )
 
 
 class Feed:
