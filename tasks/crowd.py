@@ -64,6 +64,11 @@ class Viewer(asyncio.Protocol):
             self._raw = b""
         self._frames(now)
 
+    @property
+    def unread(self) -> str:
+        """What the body holds past its last SSE frame (all of a response that is not one)."""
+        return self._body
+
     def _dechunk(self) -> None:
         while True:
             size_line, found, rest = self._raw.partition(b"\r\n")
