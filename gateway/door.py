@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -119,6 +120,8 @@ class OutOfDescriptors:
                 and listener is not None
             ):
                 self.shed(listener.fileno(), exc)
+            elif _retry_after_close(context):
+                pass  # asyncio's accept retry, due after the server closed its socket at exit
             elif previous is not None:
                 previous(loop, context)
             else:
@@ -140,11 +143,11 @@ class OutOfDescriptors:
                     break  # nothing waiting, or still out of descriptors
                 with conn:  # closed before the next accept: one descriptor is enough
                     conn.setblocking(False)
-                    try:
-                        conn.recv(65536)  # read the request: closing on it unread resets
+                    # Read what request there is: closing on it unread would reset it.
+                    with contextlib.suppress(OSError):
+                        conn.recv(65536)
+                    with contextlib.suppress(OSError):
                         conn.send(_OUT_OF_FDS)
-                    except OSError:
-                        pass
                 refused += 1
         finally:
             listener.detach()
@@ -177,3 +180,11 @@ class OutOfDescriptors:
         if self._spare is not None:
             os.close(self._spare)
             self._spare = None
+
+
+def _retry_after_close(context: dict[str, Any]) -> bool:
+    handle = context.get("handle")
+    callback = getattr(handle, "_callback", None)
+    return getattr(callback, "__name__", "") == "_start_serving" and isinstance(
+        context.get("exception"), ValueError | OSError
+    )

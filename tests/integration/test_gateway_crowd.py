@@ -228,14 +228,18 @@ def test_out_of_file_descriptors_is_a_503_and_one_log_line(broker, gateway_env, 
         (job_id,) = new_jobs(gateway, 1)
         # Connections that say nothing hold a descriptor each, until there are none left.
         idle = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(LOW_FDS)]
-        answers = []
         for sock in idle:
-            sock.settimeout(5)
-            try:
-                answers.append(sock.recv(4096))
-            except TimeoutError:
-                answers.append(b"")  # accepted, waiting for its request
-        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+            sock.setblocking(False)
+        refused: list[bytes] = []
+        deadline = time.monotonic() + 20
+        while not refused:  # the connections that found no descriptor are answered
+            assert time.monotonic() < deadline, "no connection was answered 503"
+            time.sleep(0.1)
+            for sock in idle:
+                with contextlib.suppress(BlockingIOError):
+                    answer = sock.recv(4096)
+                    if answer.startswith(b"HTTP/1.1 503"):
+                        refused.append(answer)
         assert refused, "no connection was answered 503"
         assert all(b"retry-after: " in a for a in refused)
         for sock in idle:
