@@ -37,10 +37,10 @@ import httpx
 import redis
 
 from bench.common import ROOT, figure, table
-from tasks.crowd import open_viewers
+from tasks.crowd import FINISHED, open_viewers
 from tasks.harness import base_worker_env
 from tasks.localredis import RedisServer, free_port
-from worker.events import EventPublisher, Progress, StageFinished
+from worker.events import EventPublisher, Progress
 
 VIEWERS_PER_JOB = 10
 EVENT_EVERY_S = 2.0
@@ -96,7 +96,7 @@ def start_gateway(
     design: str, env: dict[str, str], port: int, log: Path
 ) -> subprocess.Popen[bytes]:
     command = (
-        [*os.environ.get("BENCH_GATEWAY_CMD", f"{sys.executable} -m tasks.cli").split(), "gateway", "--port", str(port)]
+        [sys.executable, "-m", "tasks.cli", "gateway", "--port", str(port)]
         if design == "new"
         else [sys.executable, "-m", "bench.legacy_gateway", str(port)]
     )
@@ -196,19 +196,8 @@ def flow(publisher: EventPublisher, jobs: list[str], flow_s: float) -> dict[str,
             publisher.publish(job_id, Progress(progress=min(published[job_id], 99)))
             heapq.heappush(due, (at + EVENT_EVERY_S, job_id))
         else:
-            publisher.publish(job_id, FINAL)
+            publisher.publish(job_id, FINISHED)
     return published
-
-
-FINAL = StageFinished(
-    status="completed",
-    total_images=1,
-    successful_images=1,
-    failed_images=0,
-    total_cost="0.01",
-    total_time=1.0,
-    result_status="success",
-)
 
 
 def _quantile(ordered: list[float], q: float) -> float:

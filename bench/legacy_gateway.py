@@ -31,9 +31,7 @@ def legacy_app(settings: Settings) -> Starlette:
     async def healthz(_: Request) -> Response:
         return Response("ok")
 
-    return Starlette(
-        routes=[Route("/healthz", healthz), Route("/jobs/{job_id}/events", events)]
-    )
+    return Starlette(routes=[Route("/healthz", healthz), Route("/jobs/{job_id}/events", events)])
 
 
 def main() -> None:

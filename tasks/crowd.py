@@ -12,8 +12,22 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
+
+from worker.events import StageFinished
 
 _PUBLISHED_AT = '"published_at":'
+
+# A job's final event, for crowds of jobs that make nothing but events.
+FINISHED = StageFinished(
+    status="completed",
+    total_images=1,
+    successful_images=1,
+    failed_images=0,
+    total_cost=Decimal("0.01"),
+    total_time=1.0,
+    result_status="success",
+)
 
 
 @dataclass

@@ -19,24 +19,14 @@ import httpx
 import pytest
 import redis
 
-from tasks.crowd import Viewer, open_viewers
+from tasks.crowd import FINISHED, Viewer, open_viewers
 from tasks.harness import base_worker_env
 from tasks.localredis import RedisServer, free_port
 from tests.integration.gatewaykit import log_lines, running_gateway
 from worker import constants as c
-from worker.events import EventPublisher, Progress, StageFinished
+from worker.events import EventPublisher, Progress
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-FINAL = StageFinished(
-    status="completed",
-    total_images=1,
-    successful_images=1,
-    failed_images=0,
-    total_cost="0.01",
-    total_time=1.0,
-    result_status="success",
-)
 
 
 @dataclass
@@ -122,7 +112,7 @@ def test_2000_streams_with_events_flowing_each_get_every_event_of_their_job(
                         gateway.publisher.publish, job_id, Progress(progress=value)
                     )
             for job_id in jobs:
-                await asyncio.to_thread(gateway.publisher.publish, job_id, FINAL)
+                await asyncio.to_thread(gateway.publisher.publish, job_id, FINISHED)
             await until(lambda: all(v.ended for v in viewers), "a stream never ended")
             return viewers
 
@@ -159,7 +149,7 @@ def test_past_the_caps_503_with_retry_after_and_the_viewers_already_in_carry_on(
             await until(lambda: "maximum of 50 event streams" in full.unread, "no reason given")
             inside = [v for v in first if v.status == 200] + second
             await until(lambda: all(v.ids for v in inside), "history not replayed")
-            await asyncio.to_thread(gateway.publisher.publish, job_id, FINAL)
+            await asyncio.to_thread(gateway.publisher.publish, job_id, FINISHED)
             await until(lambda: all(v.ended for v in inside), "the viewers inside stalled")
             assert all(v.ids == written(gateway, job_id) for v in inside)
             # Their slots are free again: a refused client gets in now.
@@ -203,7 +193,7 @@ def test_slowloris_connections_are_closed_and_a_real_viewer_is_served(
             time.sleep(0.2)
         for sock in trickling:
             sock.close()
-        gateway.publisher.publish(job_id, FINAL)
+        gateway.publisher.publish(job_id, FINISHED)
         with httpx.stream("GET", f"{gateway.url}/jobs/{job_id}/events", timeout=10) as response:
             assert response.status_code == 200
             assert sum(line.startswith("id:") for line in response.iter_lines()) == 2
@@ -245,7 +235,7 @@ def test_out_of_file_descriptors_is_a_503_and_one_log_line(broker, gateway_env, 
         for sock in idle:
             sock.close()
         # Descriptors back: the gateway serves again.
-        gateway.publisher.publish(job_id, FINAL)
+        gateway.publisher.publish(job_id, FINISHED)
         deadline = time.monotonic() + 30
         while True:
             try:

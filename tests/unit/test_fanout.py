@@ -18,8 +18,9 @@ from gateway.fanout import Fanout, Viewer
 from gateway.feed import EventFeed, FeedOptions, FeedTimer
 from gateway.limits import Refusal, Slot, StreamLimits, effective_cap
 from gateway.stream_metrics import StreamMetrics
+from tasks.crowd import FINISHED
 from worker import constants as c
-from worker.events import EventPublisher, Progress, StageFinished
+from worker.events import EventPublisher, Progress
 
 OPTIONS = FeedOptions(keepalive_s=5.0, lifetime_s=600.0, write_timeout_s=5.0)
 
@@ -38,18 +39,7 @@ def progress(publisher: EventPublisher, job_id: str, *values: int) -> None:
 
 
 def finish(publisher: EventPublisher, job_id: str) -> None:
-    publisher.publish(
-        job_id,
-        StageFinished(
-            status="completed",
-            total_images=1,
-            successful_images=1,
-            failed_images=0,
-            total_cost="0.01",
-            total_time=1.0,
-            result_status="success",
-        ),
-    )
+    publisher.publish(job_id, FINISHED)
 
 
 class Rig:
