@@ -215,8 +215,9 @@ class Fanout:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Not ``await`` in a suppress(CancelledError): that would swallow a cancel of
+            # the caller too.
+            await asyncio.wait([self._task], timeout=5)
         await self._drop_pubsub()
 
     async def _run(self) -> None:

@@ -18,7 +18,6 @@ share of the gateway's work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Awaitable
@@ -75,8 +74,9 @@ class FeedTimer:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Not ``await`` in a suppress(CancelledError): that would swallow a cancel of
+            # the caller too.
+            await asyncio.wait([self._task], timeout=5)
 
     def add(self, feed: EventFeed) -> None:
         self._feeds.add(feed)
