@@ -21,7 +21,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.door import OutOfDescriptors, header_timeout_protocol
-from gateway.limits import raise_fd_limit
+from gateway.limits import effective_cap, raise_fd_limit
 from worker.logging import configure_logging, install_redaction, renderer
 from worker.settings import Settings
 
@@ -90,6 +90,14 @@ def setup_logging(settings: Settings) -> None:
 def serve(settings: Settings, *, host: str, port: int) -> None:
     setup_logging(settings)
     fd_limit = raise_fd_limit()
+    cap = effective_cap(settings.gateway_max_streams, fd_limit)
+    if cap < settings.gateway_max_streams:
+        log.warning(
+            "stream_cap_lowered",
+            max_streams=cap,
+            open_file_limit=fd_limit,
+            action="raise the hard open-file limit (ulimit -Hn) to serve GATEWAY_MAX_STREAMS",
+        )
     app = create_app(settings, fd_limit=fd_limit)
     # Everything loaded so far lives as long as the process: out of the collector's full
     # passes, whose pauses grow with what they scan and delay every stream at once.

@@ -249,4 +249,6 @@ def test_out_of_file_descriptors_is_a_503_and_one_log_line(broker, gateway_env, 
     lines = log_lines(log)
     out_of = [line for line in lines if line["event"] == "out_of_file_descriptors"]
     assert len(out_of) == 1 and out_of[0]["answered_503"] >= 1
+    (lowered,) = [line for line in lines if line["event"] == "stream_cap_lowered"]
+    assert lowered["max_streams"] == LOW_FDS - 64
     no_tracebacks(log)
