@@ -3,8 +3,9 @@ shared reader (``refgen gateway``) and the old design (``bench/legacy_gateway.py
 ``XREAD`` per stream) in the same run.
 
 Events flow while the streams are open: every job gets an event every ``EVENT_EVERY_S`` (at a
-random phase), then at its next turn its final ``stage_update``, published by the worker's
-own publisher (``worker.events.EventPublisher``, the Lua ``announce`` a worker uses). Viewers
+random phase) until its end, a random moment in the second half of the flow, then its final
+``stage_update``; they are published by the worker's own publisher
+(``worker.events.EventPublisher``, the Lua ``announce`` a worker uses). Viewers
 (``tasks/crowd.py``) run in ``CLIENT_PROCESSES`` processes of their own, ``VIEWERS_PER_JOB``
 per job.
 
@@ -182,9 +183,12 @@ def run_one(url: str, design: str, streams: int, flow_s: float, tmp: Path) -> Re
 
 
 def flow(publisher: EventPublisher, jobs: list[str], flow_s: float) -> dict[str, int]:
-    """Every job an event every EVENT_EVERY_S (at a random phase) for ``flow_s``, and at its
-    next turn after that its final event; how many each job got."""
+    """Every job an event every EVENT_EVERY_S (at a random phase) until its end, a random
+    moment in the second half of the flow, then its final event; how many each job got.
+    Jobs end at different times, as they do: the end of a stream costs the gateway more than
+    an event (its access-log line, its connection's teardown)."""
     started = time.monotonic()
+    ends = {job_id: started + random.uniform(flow_s / 2, flow_s) for job_id in jobs}
     due = [(started + random.uniform(0, EVENT_EVERY_S), job_id) for job_id in jobs]
     heapq.heapify(due)
     published = dict.fromkeys(jobs, 0)
@@ -192,7 +196,7 @@ def flow(publisher: EventPublisher, jobs: list[str], flow_s: float) -> dict[str,
         at, job_id = heapq.heappop(due)
         time.sleep(max(0.0, at - time.monotonic()))
         published[job_id] += 1
-        if at < started + flow_s:
+        if at < ends[job_id]:
             publisher.publish(job_id, Progress(progress=min(published[job_id], 99)))
             heapq.heappush(due, (at + EVENT_EVERY_S, job_id))
         else:
