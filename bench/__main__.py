@@ -1,4 +1,4 @@
-"""`python -m bench`: every benchmark, one after another (about half an hour, the soak the
+"""`python -m bench`: every benchmark, one after another (about forty minutes, the soak the
 longest)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from bench import (
     cost,
     events,
     fairness,
+    gateway,
     latency,
     memory,
     plain_chord,
@@ -34,7 +35,7 @@ def main() -> None:
     ):
         print(f"=== {module.__name__}", flush=True)
         module.main()
-    for long_running in (plain_chord, soak):
+    for long_running in (plain_chord, soak, gateway):
         print(f"=== {long_running.__name__}", flush=True)
         long_running.main([])
 

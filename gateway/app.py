@@ -9,11 +9,17 @@
   id: 400. Unknown job: 404.
 - ``GET /files/{path}``: the local store's images, behind expiring signed links.
 - ``GET /metrics``: Prometheus: per job (``worker.metrics``) and the broker's backlog
-  (``worker.backlog``); ``GET /healthz``.
+  (``worker.backlog``), and this process's streams (``gateway/stream_metrics.py``);
+  ``GET /healthz``, which also fails when the stream reader is stuck or has lost Redis for
+  longer than a stream's patience.
 - ``GET /static/{name}``: the pages' scripts and styles (the CSP allows no inline ones).
 
 Who may see what is ``gateway/auth.py`` (tokens, checked before routing); the headers on every
 answer are ``gateway/headers.py``.
+
+Streams share one reader per process (``gateway/fanout.py``, ``gateway/feed.py``) and are
+capped, globally and per client, with 503 and ``Retry-After`` past the caps
+(``gateway/limits.py``; README: Scaling the gateway).
 
 With Redis away, every route that needs it answers 503 with a message (a page for a browser,
 JSON otherwise) and logs one line, no traceback; an open event stream waits for Redis and
@@ -22,8 +28,10 @@ carries on.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import redis
 import redis.asyncio as aioredis
@@ -34,7 +42,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -42,13 +49,18 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from gateway.access import AccessLog
 from gateway.auth import RequireToken, Verifier, grant_of
+from gateway.fanout import Fanout
+from gateway.feed import EventFeed, FeedOptions, FeedTimer
 from gateway.headers import SecurityHeaders, origin_of
+from gateway.limits import Refusal, StreamLimits, effective_cap
 from gateway.pages import STATIC, escape, index_page, load_templates, template, unavailable_page
-from gateway.stream import JobEventStream, is_stream_id, stream_client
+from gateway.stream import is_stream_id, stream_client
+from gateway.stream_metrics import StreamMetrics
 from worker import constants as c
 from worker.backlog import BacklogCollector
 from worker.job_index import JobSummary
@@ -67,6 +79,12 @@ _REQUEST_TIMEOUT_S = 3.0
 # How long a new event stream waits for a Redis that is away (a failover takes seconds; a
 # managed service's, up to half a minute) before it is answered 503.
 _STREAM_PATIENCE_S = 30.0
+# /healthz fails when the stream reader has not come round for this long (it does every
+# second, or within its socket timeout when Redis stops answering).
+_READER_STUCK_S = 20.0
+# New streams looking their job up at once: a crowd arriving together waits its turn here
+# rather than exhausting the request client's connections.
+_LOOKUPS_AT_ONCE = 32
 
 
 def _patient_while_redis_is_away() -> AsyncRetrying:
@@ -115,6 +133,7 @@ class Gateway:
         streams: aioredis.Redis,
         metrics_client: redis.Redis,
         verifier: Verifier | None = None,
+        fd_limit: int | None = None,
     ) -> None:
         self._settings = settings
         self._verifier = verifier
@@ -122,6 +141,28 @@ class Gateway:
         self._streams = streams
         self._store = LocalImageStore(settings.local_storage_dir, settings.storage_bucket)
         self._registry = metrics_registry(settings, metrics_client)
+        # --- streams (README: Scaling the gateway) ---
+        self._stream_metrics = StreamMetrics(self._registry)
+        self.fanout = Fanout(
+            streams,
+            self._stream_metrics,
+            queue_size=settings.gateway_viewer_queue,
+            patience_s=_STREAM_PATIENCE_S,
+        )
+        cap = settings.gateway_max_streams
+        self._limits = StreamLimits(
+            cap if fd_limit is None else effective_cap(cap, fd_limit),
+            settings.gateway_max_streams_per_client,
+            self._stream_metrics,
+        )
+        self.feed_timer = FeedTimer(
+            FeedOptions(
+                keepalive_s=settings.gateway_keepalive_s,
+                lifetime_s=settings.gateway_stream_lifetime_s,
+                write_timeout_s=settings.gateway_write_timeout_s,
+            )
+        )
+        self._lookups = asyncio.Semaphore(_LOOKUPS_AT_ONCE)
 
     async def _has_events(self, job_id: str) -> bool:
         return bool(await self._redis.exists(c.events_stream(job_id)))
@@ -180,10 +221,11 @@ class Gateway:
             )
         # A stream opened while Redis fails over waits for it, as an open stream would; a
         # browser given a 503 here would stop following (EventSource gives up on an error).
-        async for attempt in _patient_while_redis_is_away():
-            with attempt:
-                known = await self._known(job_id)
-                expired = known and await self._events_expired(job_id)
+        async with self._lookups:
+            async for attempt in _patient_while_redis_is_away():
+                with attempt:
+                    known = await self._known(job_id)
+                    expired = known and await self._events_expired(job_id)
         if not known:
             return JSONResponse({"detail": f"unknown job {job_id}"}, status_code=404)
         if expired:
@@ -193,12 +235,23 @@ class Gateway:
                 "is still readable by job id"
             )
             return JSONResponse({"detail": detail}, status_code=404)
-        stream = JobEventStream(self._streams, job_id, last_id)
-        return EventSourceResponse(
-            stream.events(),
-            ping=self._settings.gateway_keepalive_s,
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        return self._open_stream(request, job_id, last_id)
+
+    def _open_stream(self, request: Request, job_id: str, last_id: str | None) -> Response:
+        """A stream slot, taken only now that the request is known good (and allowed); the
+        feed releases it when the stream ends."""
+        client = request.client.host if request.client else "unknown"
+        slot = self._limits.admit(client)
+        if isinstance(slot, Refusal):
+            return JSONResponse(
+                {"detail": slot.detail},
+                status_code=503,
+                headers={"Retry-After": str(slot.retry_after_s), "Cache-Control": "no-store"},
+            )
+        feed = EventFeed(
+            self.fanout, self.feed_timer, self._streams, self._stream_metrics, job_id, last_id, slot
         )
+        return _AsgiResponse(feed)
 
     async def page(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -260,7 +313,20 @@ class Gateway:
             await self._redis.ping()
         except redis.RedisError:
             return JSONResponse({"ok": False, "redis": "unreachable"}, status_code=503)
+        trouble = self.fanout.trouble(_READER_STUCK_S)
+        if trouble is not None:
+            return JSONResponse({"ok": False, "streams": trouble}, status_code=503)
         return JSONResponse({"ok": True})
+
+
+class _AsgiResponse(Response):
+    """A response that is an ASGI app of its own (the event feed)."""
+
+    def __init__(self, app: EventFeed) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
 
 
 def _bad_job_id(job_id: str) -> Response:
@@ -293,10 +359,12 @@ def create_app(
     client: aioredis.Redis | None = None,
     streams: aioredis.Redis | None = None,
     sync_client: redis.Redis | None = None,
+    fd_limit: int | None = None,
 ) -> Starlette:
     """The gateway's ASGI app; its Redis clients are built here unless handed in. Raises
     ``InstallationError`` when a page it serves is missing from the installation, and
-    ``ConfigurationError`` for a production gateway without a token secret (fails closed)."""
+    ``ConfigurationError`` for a production gateway without a token secret (fails closed).
+    ``fd_limit``: the process's open-file limit, which lowers the cap on streams."""
     load_templates()
     verifier = (
         Verifier(settings.gateway_jwt_secrets) if settings.gateway_requires_tokens() else None
@@ -307,9 +375,10 @@ def create_app(
         streams or stream_client(settings.redis_endpoint()),
         sync_client or metrics_client(settings.redis_endpoint()),
         verifier,
+        fd_limit,
     )
     # Outermost first. Tokens are checked before routing: a refused request reaches no
-    # handler, no Redis call and no stream. CORS answers preflights (which carry no token).
+    # handler, no Redis call and no stream slot. CORS answers preflights (which carry no token).
     middleware = [
         Middleware(AccessLog),
         Middleware(SecurityHeaders, image_origins=origin_of(settings.local_storage_public_url)),
@@ -325,7 +394,19 @@ def create_app(
         )
     if verifier is not None:
         middleware.append(Middleware(RequireToken, verifier=verifier))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        gateway.fanout.start()
+        gateway.feed_timer.start()
+        try:
+            yield
+        finally:
+            await gateway.feed_timer.stop()
+            await gateway.fanout.stop()
+
     app = Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/", gateway.index),
             Route("/healthz", gateway.healthz),
@@ -343,4 +424,5 @@ def create_app(
     )
     # Its redirect would be built from the Host header: SecurityHeaders redirects instead.
     app.router.redirect_slashes = False
+    app.state.fanout = gateway.fanout  # the server ends open streams with it at shutdown
     return app

@@ -153,6 +153,21 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = None
     flower_unauthenticated_api: bool = False
 
+    # The gateway's door (README: Scaling the gateway): at most this many event streams open on
+    # one process, and per client address; past either, 503 with Retry-After. The process's
+    # file-descriptor limit lowers the global cap when it is smaller.
+    gateway_max_streams: int = Field(default=10_000, ge=1)
+    gateway_max_streams_per_client: int = Field(default=50, ge=1)
+    # A stream ends after this long (jittered by up to a tenth); the browser reconnects with
+    # Last-Event-ID and resumes, so long-lived connections move between gateways.
+    gateway_stream_lifetime_s: float = Field(default=1800.0, gt=0)
+    # Against slowloris: a request's headers must arrive within this; a stream whose client
+    # stops reading for this long is dropped (it resumes with Last-Event-ID).
+    gateway_header_timeout_s: float = Field(default=10.0, gt=0)
+    gateway_write_timeout_s: float = Field(default=30.0, gt=0)
+    # Events one viewer may have waiting; a viewer that falls this far behind is dropped.
+    gateway_viewer_queue: int = Field(default=256, ge=1)
+
     # How long `refgen run` waits for a lost broker before it says so and exits.
     broker_grace_s: float = Field(default=30.0, ge=0)
 

@@ -155,14 +155,22 @@ const handlers = {
   },
 };
 
+// The last event shown: after a refusal (503, a full gateway) the page opens a new stream
+// from there; the browser itself only reconnects after a stream that ended or broke.
+let lastEventId = null;
+
 function follow() {
+  const query = new URLSearchParams();
+  if (streamToken) query.set("token", streamToken);
+  if (lastEventId) query.set("after", lastEventId);
   let address = "/jobs/" + encodeURIComponent(jobId) + "/events";
-  if (streamToken) address += "?token=" + encodeURIComponent(streamToken);
+  if (query.toString()) address += "?" + query.toString();
   const source = new EventSource(address);
   source.onopen = () => {
     if (!document.body.dataset.finished && state.total !== null) setStatus("running");
   };
   source.onmessage = (e) => {
+    if (e.lastEventId) lastEventId = e.lastEventId;
     const message = JSON.parse(e.data);
     (handlers[message.event_type] || (() => {}))(message.data);
     render();
@@ -176,8 +184,11 @@ function follow() {
   source.onerror = () => {
     if (document.body.dataset.finished) return;
     if (source.readyState === EventSource.CLOSED) {
-      setStatus("disconnected");
-      notice("The gateway refused the event stream; reload the page to try again.");
+      // Refused (a busy gateway answers 503 with Retry-After, which EventSource cannot
+      // read): try again in 5-15 s, spread so that a crowd does not come back at once.
+      setStatus("reconnecting…");
+      notice("The gateway is busy; trying again shortly.");
+      setTimeout(follow, 5000 + Math.random() * 10000);
     } else {
       setStatus("reconnecting…");
     }
