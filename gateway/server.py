@@ -89,7 +89,11 @@ def setup_logging(settings: Settings) -> None:
 
 def serve(settings: Settings, *, host: str, port: int) -> None:
     setup_logging(settings)
-    if not settings.gateway_requires_tokens():  # raises for production without a secret
+    fd_limit = raise_fd_limit()
+    # First, as it refuses a broken installation or a production gateway without a token
+    # secret: such a start says one line, nothing before it.
+    app = create_app(settings, fd_limit=fd_limit)
+    if not settings.gateway_requires_tokens():
         # Said at every start: anyone who reaches this port sees every job.
         # Info, not warning: development without tokens is the expected case (make demo).
         log.info(
@@ -97,8 +101,6 @@ def serve(settings: Settings, *, host: str, port: int) -> None:
             reason="GATEWAY_AUTH=off" if settings.gateway_auth == "off" else "development",
             fix="set GATEWAY_JWT_SECRET (README: Security)",
         )
-
-    fd_limit = raise_fd_limit()
     cap = effective_cap(settings.gateway_max_streams, fd_limit)
     if cap < settings.gateway_max_streams:
         log.warning(
@@ -107,7 +109,6 @@ def serve(settings: Settings, *, host: str, port: int) -> None:
             open_file_limit=fd_limit,
             action="raise the hard open-file limit (ulimit -Hn) to serve GATEWAY_MAX_STREAMS",
         )
-    app = create_app(settings, fd_limit=fd_limit)
     # Everything loaded so far lives as long as the process: out of the collector's full
     # passes, whose pauses grow with what they scan and delay every stream at once.
     gc.freeze()
