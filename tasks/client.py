@@ -254,72 +254,45 @@ def follow(
     the result still ends the wait — but only after every event already published is read,
     so that a refusal's reason is always shown. So is the ``start`` this command sent (by
     ``start_id``), until it has run: a start that failed on the worker ends the wait."""
-    with _SafeInterrupt() as interrupt:
-        return _follow(
-            app,
-            events,
-            job_id,
-            view,
-            timeout_s=timeout_s,
-            settings=settings,
-            client=client,
-            start_id=start_id,
-            no_worker_after_s=no_worker_after_s,
-            interrupt=interrupt,
-        )
-
-
-def _follow(
-    app: Any,
-    events: JobEvents,
-    job_id: str,
-    view: ProgressView,
-    *,
-    timeout_s: float,
-    settings: Settings,
-    client: redis.Redis,
-    start_id: str | None,
-    no_worker_after_s: float,
-    interrupt: _SafeInterrupt,
-) -> int:
     from celery.exceptions import TimeoutError as ResultTimeout
 
-    result = app.AsyncResult(job_id)
-    sent = app.AsyncResult(start_id) if start_id is not None else None
-    started = time.monotonic()
-    deadline = started + timeout_s
-    next_poll = 0.0
-    warned = False
-    while time.monotonic() < deadline:
-        interrupt.check()
-        try:
-            for message in events.read(block_ms=_READ_BLOCK_MS):
-                view.handle(message)
-            now = time.monotonic()
-            if not view.finished and now >= next_poll:
-                next_poll = now + _RESULT_POLL_S
-                if result.ready():
-                    for message in events.drain():
-                        view.handle(message)
+    with _SafeInterrupt() as interrupt:
+        result = app.AsyncResult(job_id)
+        sent = app.AsyncResult(start_id) if start_id is not None else None
+        started = time.monotonic()
+        deadline = started + timeout_s
+        next_poll = 0.0
+        warned = False
+        while time.monotonic() < deadline:
+            interrupt.check()
+            try:
+                for message in events.read(block_ms=_READ_BLOCK_MS):
+                    view.handle(message)
+                now = time.monotonic()
+                if not view.finished and now >= next_poll:
+                    next_poll = now + _RESULT_POLL_S
+                    if result.ready():
+                        for message in events.drain():
+                            view.handle(message)
+                        return _print_result(result.get(timeout=_RESULT_WAIT_S), view)
+                    if sent is not None and not view.started and sent.failed():
+                        return _start_failed(job_id, sent.result, view)
+                if view.finished:
                     return _print_result(result.get(timeout=_RESULT_WAIT_S), view)
-                if sent is not None and not view.started and sent.failed():
-                    return _start_failed(job_id, sent.result, view)
-            if view.finished:
-                return _print_result(result.get(timeout=_RESULT_WAIT_S), view)
-            if not warned and not view.started and now - started >= no_worker_after_s:
-                warned = True
-                view.say(_no_worker_message(app, job_id, now - started, settings))
-        except (redis.RedisError, OSError):
-            where = settings.redis_endpoint().describe()
-            if not _wait_for_redis(client, where, settings.broker_grace_s, interrupt):
-                return ex.BROKER
-        except ResultTimeout:
-            break
-    view.say(
-        f"refgen: no result for job {job_id} after {timeout_s:g} s; "
-        "it may still finish (read it by job id)"
-    )
-    return ex.TIMEOUT
+                if not warned and not view.started and now - started >= no_worker_after_s:
+                    warned = True
+                    view.say(_no_worker_message(app, job_id, now - started, settings))
+            except (redis.RedisError, OSError):
+                where = settings.redis_endpoint().describe()
+                if not _wait_for_redis(client, where, settings.broker_grace_s, interrupt):
+                    return ex.BROKER
+            except ResultTimeout:
+                break
+        view.say(
+            f"refgen: no result for job {job_id} after {timeout_s:g} s; "
+            "it may still finish (read it by job id)"
+        )
+        return ex.TIMEOUT
 
 
 def _start_failed(job_id: str, error: object, view: ProgressView) -> int:
