@@ -12,7 +12,12 @@ from pydantic import ValidationError
 from tasks.app import app, services
 from tasks.backend import ImageNotMade
 from tasks.publishing import publish
-from tasks.recovery import abandoned_as_ignored, finalize_and_store, hand_to_retry
+from tasks.recovery import (
+    abandoned_as_ignored,
+    finalize_and_store,
+    hand_to_retry,
+    retry_sent,
+)
 from worker import admission
 from worker import constants as c
 from worker.cancel import JobCanceller
@@ -145,7 +150,7 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
             retry = self.signature_from_request(
                 self.request, retries=self.request.retries + 1, **top
             )
-            hand_to_retry(self, dict(retry), step.delay_s)
+            token = hand_to_retry(self, dict(retry), step.delay_s)
             crash_point("image.after_retry_handover")
             crash_point("publish.image_retry")
             # Celery turns a failed retry publish into Reject(requeue=False), a FAILURE that
@@ -162,6 +167,7 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
                     **top,
                 ),
             )
+            retry_sent(self.request.id, token, step.delay_s)
             crash_point("image.after_retry_sent")
             raise sent
     if step.doomed_now is not None:
