@@ -235,6 +235,10 @@ class ImageLocks:
         self._holdings.hold_lock(lock)
         return lock
 
+    def expires_in_s(self, key: str) -> float:
+        """Seconds until the lock at ``key`` expires unless renewed (0 when it is gone)."""
+        return max(0, int(self._redis.pttl(key))) / 1000
+
     def is_held(self, job_id: str, image_key: str) -> bool:
         """True while some delivery of the image holds its lock."""
         return bool(self._redis.exists(c.JobKeys(job_id).image_lock(image_key)))
