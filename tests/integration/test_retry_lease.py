@@ -105,10 +105,10 @@ def test_a_retry_waiting_in_the_queue_past_its_lease_is_not_sent_again(
 def test_a_copy_that_finds_the_image_being_made_steps_aside_at_once(
     broker: RedisServer, start_worker, load_plan, tmp_path: Path
 ) -> None:
-    """Three slots, two images of 4 s: while the first is being made, a copy of its task is
+    """Three slots, two images of 5 s: while the first is being made, a copy of its task is
     sent (as the watchdog sends one). The copy takes the free slot, finds the image's lock
     held, and ends at once; it looks again later, and ends for good once the image is in."""
-    worker = start_worker(4, 3)
+    worker = start_worker(5, 3)
     plan = load_plan("minimal_1x1")
     runner = JobRunner(broker.url)
     runs: list[JobRun] = []
