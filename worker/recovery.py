@@ -9,6 +9,9 @@ A *delivery* is one run of one task message on one worker. Its life:
 3. An image delivery holds the image's **lock** (redis-py's ``Lock``, one token per delivery)
    while it pays and uploads, so two deliveries of one image never run at once; a delivery
    whose lock was taken over (it froze longer than the lock's life) stops before paying again.
+   A delivery that finds the lock held (it is a copy: a re-send, a redelivery) does not wait
+   for it: it hands its lease to a message of itself due when the lock would have lapsed were
+   its holder dead, sends that, and frees its slot (``look_again_later`` in ``tasks/``).
 4. It ends one of three ways:
    - done: it releases its lease, if the lease is still its own (a newer delivery of the same
      task may have taken it over; then the release changes nothing);
