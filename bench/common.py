@@ -22,7 +22,7 @@ from tasks.localredis import RedisServer
 from worker.jobs import Recorded
 from worker.lifecycle import JobFinalizer, JobIntake, Launch
 from worker.models import ImageSpec
-from worker.pipeline import ImagePipeline, RetryIn
+from worker.pipeline import ImagePipeline, Step
 from worker.services import Services
 
 # The in-process baseline runs worker code here: keep its info lines out of the figures.
@@ -93,7 +93,7 @@ async def _in_process(services: Services) -> float:
     assert isinstance(admission, Launch)
     pipeline = ImagePipeline(services)
 
-    async def one(spec: ImageSpec) -> Recorded | RetryIn:
+    async def one(spec: ImageSpec) -> Step:
         async with limit:
             return await asyncio.to_thread(pipeline.run, spec, 0)
 

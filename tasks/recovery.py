@@ -76,8 +76,6 @@ def start_threads() -> None:
             resend=resend,
             finalize_overdue=finalize_overdue,
             claimer=f"{socket.gethostname()}:{os.getpid()}",
-            # A re-sent task may wait this long in the queue before it counts as lost again.
-            queued_grace_s=max(300.0, 10 * s.leases.ttl_s),
             rescue_orphans=rescue_orphans,
         )
         _tickers.extend(
@@ -157,14 +155,29 @@ def finalize_overdue(job_id: str) -> None:
     log.warning("job_finalized_by_deadline", job_id=job_id)
 
 
-def hand_to_retry(task: Task, retry: dict[str, Any], delay_s: float) -> None:
+def hand_to_retry(task: Task, retry: dict[str, Any], delay_s: float) -> str:
     """Before the retry message is sent, the lease is handed to it: it covers the countdown,
     and if the retry is lost (never sent, or its worker dies during the countdown), the
-    watchdog sends it again once the lease expires."""
+    watchdog sends it again once the lease expires. Returns the hand-over's token."""
     s = services()
     s.holdings.drop_lease(task.request.id, _token_of(task))
     task.request.refgen_lease_token = None
-    s.leases.take(task.request.id, retry, extra_s=delay_s)
+    return s.leases.take(task.request.id, retry, extra_s=delay_s)
+
+
+def retry_sent(task_id: str, token: str, delay_s: float) -> None:
+    """The retry is on the broker: its lease now covers its wait in the queue too, where
+    nobody renews it (a worker that receives it takes the lease over, and renews it, or lets
+    it expire by dying). Under load the retry waits behind busy slots for as long as their
+    images take; a lease of the countdown plus one life would expire meanwhile, and the
+    watchdog would send a copy. Only while the hand-over's token is on record: a worker that
+    has received the retry already holds the lease with its own."""
+    s = services()
+    try:
+        s.leases.extend(task_id, token, delay_s + s.leases.queued_grace_s)
+    except redis.RedisError as exc:
+        # The lease still covers the countdown and a life: at worst, a copy is sent.
+        log.warning("retry_lease_not_extended", task_id=task_id, error=type(exc).__name__)
 
 
 ABANDONING: tuple[type[BaseException], ...] = (DeliveryAbandoned, redis.RedisError, *PUBLISH_ERRORS)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from celery import chord, group, states
-from celery.exceptions import CeleryError
+from celery.exceptions import CeleryError, Ignore
 from pydantic import ValidationError
 
 from tasks.app import app, services
 from tasks.backend import ImageNotMade
 from tasks.publishing import publish
-from tasks.recovery import abandoned_as_ignored, finalize_and_store, hand_to_retry
+from tasks.recovery import (
+    abandoned_as_ignored,
+    finalize_and_store,
+    hand_to_retry,
+    retry_sent,
+)
 from worker import admission
 from worker import constants as c
 from worker.cancel import JobCanceller
@@ -22,7 +27,7 @@ from worker.fairness import image_priority
 from worker.lifecycle import Cancelled, Duplicate, JobFinalizer, JobIntake, Launch
 from worker.logging import Redactor
 from worker.models import ImageOutcome, ImageSpec
-from worker.pipeline import ImagePipeline, RetryIn
+from worker.pipeline import HeldElsewhere, ImagePipeline, RetryIn
 from worker.planning import JobPlan
 from worker.settings import get_settings
 
@@ -138,6 +143,8 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
         raise ImageNotMade(refused.reason or "Refused", refused.model_dump(mode="json"))
     with abandoned_as_ignored(self):
         step = ImagePipeline(services()).run(image, attempt=self.request.retries)
+        if isinstance(step, HeldElsewhere):
+            look_again_later(self, step.check_in_s)
         if isinstance(step, RetryIn):
             # A retry is due 2 s after its first attempt: it goes ahead of the fresh images
             # queued meanwhile, here and in the lease that may send it again.
@@ -145,7 +152,7 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
             retry = self.signature_from_request(
                 self.request, retries=self.request.retries + 1, **top
             )
-            hand_to_retry(self, dict(retry), step.delay_s)
+            token = hand_to_retry(self, dict(retry), step.delay_s)
             crash_point("image.after_retry_handover")
             crash_point("publish.image_retry")
             # Celery turns a failed retry publish into Reject(requeue=False), a FAILURE that
@@ -162,6 +169,7 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
                     **top,
                 ),
             )
+            retry_sent(self.request.id, token, step.delay_s)
             crash_point("image.after_retry_sent")
             raise sent
     if step.doomed_now is not None:
@@ -183,6 +191,19 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
         # the chord still hands the outcome to finalize (tasks/backend.py).
         raise ImageNotMade(step.outcome.reason or "The image could not be made", outcome)
     return outcome
+
+
+def look_again_later(task: Any, delay_s: float) -> NoReturn:
+    """A copy of an image's task (the watchdog's re-send, a redelivery) found another delivery
+    holding the image: rather than hold a worker slot while that one works (minutes), it
+    sends itself again, as the same attempt, for when that delivery's lock would have expired
+    were it dead, and ends without a result (the chord counts the other's). Its lease goes
+    with the message, as a retry's does, so the image stays covered if both are lost."""
+    again = task.signature_from_request(task.request, retries=task.request.retries)
+    token = hand_to_retry(task, dict(again), delay_s)
+    publish("publish.image_retry", lambda: again.apply_async(countdown=delay_s))
+    retry_sent(task.request.id, token, delay_s)
+    raise Ignore()
 
 
 @app.task(name=c.TASK_FINALIZE, bind=True)

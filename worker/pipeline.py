@@ -7,7 +7,6 @@ task to its lease (``worker.recovery``).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -79,6 +78,18 @@ class RetryIn:
     reason: str
 
 
+@dataclass(frozen=True)
+class HeldElsewhere:
+    """Another delivery of this image holds its lock (this one is a copy: a re-send, a
+    redelivery): ask the caller to look again, as the same attempt, after ``check_in_s``,
+    when that lock would have expired were its holder dead. Nothing was recorded or paid."""
+
+    check_in_s: float
+
+
+Step = Recorded | RetryIn | HeldElsewhere
+
+
 def generation_request(spec: ImageSpec, attempt: int, deadline_s: float) -> GenerationRequest:
     return GenerationRequest(
         job_id=spec.job_id,
@@ -97,15 +108,17 @@ class ImagePipeline:
     def __init__(self, services: Services) -> None:
         self._s = services
 
-    def run(self, spec: ImageSpec, attempt: int) -> Recorded | RetryIn:
+    def run(self, spec: ImageSpec, attempt: int) -> Step:
         """One attempt at one image. A failure comes back as an outcome, never raised.
 
         Raises ``DeliveryAbandoned`` when this delivery cannot finish the image: Redis is
-        unreachable (nothing could be recorded), or another delivery holds the image."""
+        unreachable (nothing could be recorded)."""
         try:
             lock = self._lock(spec)
             if isinstance(lock, ImageOutcome):
                 return Recorded(lock, is_new=False)
+            if isinstance(lock, HeldElsewhere):
+                return lock
             try:
                 return self._run_locked(spec, attempt, lock)
             finally:
@@ -113,22 +126,28 @@ class ImagePipeline:
         except redis.RedisError as exc:
             raise DeliveryAbandoned(f"Redis is unreachable ({type(exc).__name__})") from None
 
-    def _lock(self, spec: ImageSpec) -> Lock | ImageOutcome:
-        """This image's lock, or the outcome another delivery recorded while we waited."""
+    def _lock(self, spec: ImageSpec) -> Lock | ImageOutcome | HeldElsewhere:
+        """This image's lock; or the outcome another delivery recorded; or, while another
+        delivery holds the lock, when to look again. Never a wait for the other delivery:
+        its attempt may take minutes, and this one would hold a worker slot all along."""
         key = c.JobKeys(spec.job_id).image_lock(spec.key)
-        # The other delivery's attempt ends within the image deadline; past that (and a lease
-        # to notice its death), waiting longer would only hold this slot.
-        give_up = time.monotonic() + self._s.settings.image_timeout_s + 2 * self._s.locks.ttl_s
-        while True:
-            lock = self._s.locks.try_acquire(key, wait_s=0.25)
-            if lock is not None:
-                return lock
-            other = self._s.jobs.stored_outcome(spec.job_id, spec.key)
-            if other is not None:
-                log.info("image_done_by_other_delivery", job_id=spec.job_id, image=spec.key)
-                return other
-            if time.monotonic() > give_up:
-                raise DeliveryAbandoned("another delivery of this image is still running")
+        lock = self._s.locks.try_acquire(key, wait_s=0.25)
+        if lock is not None:
+            return lock
+        other = self._s.jobs.stored_outcome(spec.job_id, spec.key)
+        if other is not None:
+            log.info("image_done_by_other_delivery", job_id=spec.job_id, image=spec.key)
+            return other
+        # Its holder renews it every quarter of its life: look again when it would have
+        # expired were the holder dead (then this delivery takes the image over).
+        check_in_s = self._s.locks.expires_in_s(key) + 0.5
+        log.info(
+            "image_held_by_other_delivery",
+            job_id=spec.job_id,
+            image=spec.key,
+            check_in_s=round(check_in_s, 1),
+        )
+        return HeldElsewhere(check_in_s)
 
     def _run_locked(self, spec: ImageSpec, attempt: int, lock: Lock) -> Recorded | RetryIn:
         bound = log.bind(job_id=spec.job_id, image=spec.key, attempt=attempt + 1)

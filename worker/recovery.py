@@ -9,10 +9,15 @@ A *delivery* is one run of one task message on one worker. Its life:
 3. An image delivery holds the image's **lock** (redis-py's ``Lock``, one token per delivery)
    while it pays and uploads, so two deliveries of one image never run at once; a delivery
    whose lock was taken over (it froze longer than the lock's life) stops before paying again.
+   A delivery that finds the lock held (it is a copy: a re-send, a redelivery) does not wait
+   for it: it hands its lease to a message of itself due when the lock would have lapsed were
+   its holder dead, sends that, and frees its slot (``look_again_later`` in ``tasks/``).
 4. It ends one of three ways:
    - done: it releases its lease, if the lease is still its own (a newer delivery of the same
      task may have taken it over; then the release changes nothing);
    - handed to a retry: the lease now carries the retry message and covers the countdown;
+     once the retry is sent, it also covers the retry's wait in the queue, as a re-sent
+     task's does (5.): under load a retry waits behind busy slots far longer than a lease;
    - abandoned (Redis unreachable, or its image lock lost): it keeps the lease and stops
      renewing it, so the lease expires and the task is sent again.
 5. If its process dies, nothing renews its lease. The **watchdog** (a thread in every worker)
@@ -64,6 +69,10 @@ class Leases:
     def __init__(self, client: redis.Redis, ttl_s: float) -> None:
         self._redis = client
         self.ttl_s = ttl_s
+        # How long a message sent again (by the watchdog, or as a retry) may wait in the
+        # queue before it counts as lost: nobody holds it there to renew its lease, and under
+        # load it waits as long as the slots ahead of it take (an image: up to minutes).
+        self.queued_grace_s = max(300.0, 10 * ttl_s)
         self._keys = [c.LEASES, c.LEASE_RECORDS]
         self._hold = register(client, "lease_hold")
         self._renew = register(client, "lease_renew")
@@ -229,6 +238,10 @@ class ImageLocks:
         self._holdings.hold_lock(lock)
         return lock
 
+    def expires_in_s(self, key: str) -> float:
+        """Seconds until the lock at ``key`` expires unless renewed (0 when it is gone)."""
+        return max(0, int(self._redis.pttl(key))) / 1000
+
     def is_held(self, job_id: str, image_key: str) -> bool:
         """True while some delivery of the image holds its lock."""
         return bool(self._redis.exists(c.JobKeys(job_id).image_lock(image_key)))
@@ -279,7 +292,6 @@ class Watchdog:
         resend: Callable[[dict[str, Any]], None],
         finalize_overdue: Callable[[str], None],
         claimer: str,
-        queued_grace_s: float,
         rescue_orphans: Callable[[], None] = lambda: None,
     ) -> None:
         self._leases = leases
@@ -288,8 +300,6 @@ class Watchdog:
         self._finalize_overdue = finalize_overdue
         self._rescue_orphans = rescue_orphans
         self._claimer = claimer
-        # How long a re-sent task may wait in the queue before it counts as lost again.
-        self._queued_grace_s = queued_grace_s
         self.interval_s = max(0.5, leases.ttl_s / 4)
         # Long enough to send a message, short enough that a failed re-send is retried soon.
         self._claim_hold_s = max(5.0, leases.ttl_s)
@@ -309,7 +319,7 @@ class Watchdog:
                 )
                 continue
             crash_point("watchdog.after_resend")
-            self._leases.extend(claim.task_id, claim.token, self._queued_grace_s)
+            self._leases.extend(claim.task_id, claim.token, self._leases.queued_grace_s)
             log.warning("lost_task_resent", task_id=claim.task_id, task=claim.payload.get("task"))
         self._rescue_orphans()
         for job_id in self._deadlines.claim_due(hold_s=max(60.0, self._claim_hold_s)):

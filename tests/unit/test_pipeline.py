@@ -13,7 +13,7 @@ from worker import constants as c
 from worker.generation.local import LocalImageGenerator
 from worker.jobs import MadeImage, Recorded
 from worker.models import ImageOutcome, ImageSpec
-from worker.pipeline import ImagePipeline, RetryIn
+from worker.pipeline import HeldElsewhere, ImagePipeline, RetryIn, Step
 from worker.services import Services
 from worker.settings import Settings
 from worker.storage.local import LocalImageStore
@@ -51,7 +51,7 @@ def spec(image_id: str = "street", total: int = 2) -> ImageSpec:
     )
 
 
-def made(step: Recorded | RetryIn) -> ImageOutcome:
+def made(step: Step) -> ImageOutcome:
     assert isinstance(step, Recorded), step
     return step.outcome
 
@@ -164,8 +164,9 @@ def test_a_paid_image_missing_from_the_store_is_made_again_and_charged_once(
     assert services.ledger.totals(image.job_id).spent == Decimal("0.005")
 
 
-def test_a_second_delivery_waits_for_the_first(services: Services, redis_client) -> None:
-    """Two deliveries of one image at once: one generates, the other returns its outcome."""
+def test_deliveries_of_one_image_at_once_make_it_once(services: Services, redis_client) -> None:
+    """Three deliveries of one image at once: one makes it; each other one either returns its
+    outcome or, while it is being made, steps aside; looking again then returns the outcome."""
     import threading
 
     slow = Services.build(
@@ -186,5 +187,37 @@ def test_a_second_delivery_waits_for_the_first(services: Services, redis_client)
     for t in threads:
         t.join()
     assert CountingGenerator.calls == 1
-    assert len({made(r).image_url for r in results}) == 1
+    later = [
+        ImagePipeline(slow).run(image, 0) if isinstance(r, HeldElsewhere) else r for r in results
+    ]
+    assert len({made(r).image_url for r in later}) == 1
+    assert [r.is_new for r in later].count(True) == 1  # the others found its outcome
     assert slow.ledger.totals(image.job_id).spent == Decimal("0.005")
+
+
+def test_a_copy_finding_the_image_held_steps_aside_at_once(
+    services: Services, redis_client
+) -> None:
+    """A copy of an image's task (a re-send) meets the delivery that is making the image: it
+    records and pays nothing and holds no slot waiting (issue 20, item 8); it is told to look
+    again when the holder's lock would expire were the holder dead, and then, the holder
+    gone without an outcome, it makes the image itself."""
+    image = spec()
+    services.ledger.open(image.job_id, None)
+    listener = events(redis_client, image.job_id)
+    other = services.locks.try_acquire(c.JobKeys(image.job_id).image_lock(image.key))
+    assert other is not None
+
+    step = ImagePipeline(services).run(image, attempt=0)
+
+    assert isinstance(step, HeldElsewhere), step
+    assert 0 < step.check_in_s <= services.locks.ttl_s + 0.5
+    assert CountingGenerator.calls == 0 and drain(listener) == []
+    assert services.ledger.totals(image.job_id).spent == Decimal(0)
+    assert services.jobs.stored_outcome(image.job_id, image.key) is None
+
+    # The holder died: its lock lapses (deleted here, as its expiry would) with no outcome.
+    redis_client.delete(str(other.name))
+    services.holdings.drop_lock(other)
+    outcome = made(ImagePipeline(services).run(image, attempt=0))
+    assert outcome.ok and CountingGenerator.calls == 1

@@ -192,7 +192,6 @@ def test_watchdog_resends_and_a_failed_resend_is_retried(redis_client) -> None:
         resend=resend,
         finalize_overdue=lambda job_id: None,
         claimer="w",
-        queued_grace_s=60,
     )
     watchdog._claim_hold_s = 0.2  # a short hold, so the failed claim comes back quickly
     time.sleep(0.3)
@@ -227,7 +226,6 @@ def test_lease_renewal_never_waits_on_recovery_work(redis_client) -> None:
         resend=lambda payload: None,
         finalize_overdue=slow_finalize,
         claimer="w",
-        queued_grace_s=60,
     )
     tickers = [
         Ticker("test_heartbeat", heartbeat.beat, 0.1),
