@@ -117,6 +117,8 @@ def serve(settings: Settings, *, host: str, port: int) -> None:
         host=host,
         port=port,
         http=header_timeout_protocol(settings.gateway_header_timeout_s),
+        proxy_headers=bool(settings.forwarded_allow_ips.strip()),
+        forwarded_allow_ips=settings.forwarded_allow_ips.strip() or None,
         # A crowd arriving at once waits in the kernel's queue rather than being turned away.
         backlog=4096,
         log_config=None,

@@ -51,7 +51,11 @@ def is_stream_id(text: str) -> bool:
     """A Redis Stream entry id, as this gateway sends them (``1700000000000-0``), in the range
     Redis accepts: anything else would pass here and fail inside the open stream."""
     parts = _STREAM_ID.fullmatch(text)
-    return parts is not None and all(int(part) <= _MAX_ID_PART for part in parts.groups())
+    if parts is None:
+        return False
+    ms, seq = (int(part) for part in parts.groups())
+    # The very last id has nothing after it: Redis refuses a range that starts past it.
+    return ms <= _MAX_ID_PART and seq <= _MAX_ID_PART and (ms, seq) != (_MAX_ID_PART, _MAX_ID_PART)
 
 
 def is_final(message: dict[str, Any]) -> bool:

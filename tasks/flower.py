@@ -6,26 +6,43 @@ Flower started with ``FLOWER_BASIC_AUTH=`` served everyone, including the API th
 tasks (paid work). A ``user:`` credential is matched by ``Basic dXNlcjo=`` the same way. So
 every credential must have a non-empty user and a non-empty password, or Flower does not
 start (exit 5, one line); credentials on the command line are refused (they would bypass the
-check and show in ``ps``).
+check and show in ``ps``), however spelt (Tornado strips any dashes and reads ``_`` as ``-``),
+and so is a config file (Flower reads ``flowerconfig.py`` from the working directory by
+default, and it could set ``basic_auth`` too): Flower is given an empty one. Flower serves its
+own ``/metrics`` to anyone; here it asks for the same credentials as every other page.
 """
 
 from __future__ import annotations
+
+import os
 
 from tasks import exit_codes
 from worker.errors import ConfigurationError
 from worker.settings import Settings
 
-_AUTH_OPTIONS = ("--basic_auth", "--basic-auth", "--auth", "--unauthenticated_api")
+# Tornado's names for them once dashes are stripped and ``_`` read as ``-``.
+_REFUSED_OPTIONS = ("basic-auth", "auth", "unauthenticated-api", "conf")
+
+
+def _option_name(arg: str) -> str | None:
+    if not arg.startswith("-"):
+        return None
+    return arg.lstrip("-").split("=", 1)[0].replace("_", "-").lower()
 
 
 def check_credentials(settings: Settings, flower_args: list[str]) -> None:
     """Raise ``ConfigurationError`` unless ``FLOWER_BASIC_AUTH`` holds only ``user:password``
     pairs with both parts non-empty. The message never holds a password."""
     for arg in flower_args:
-        option = arg.split("=", 1)[0]
-        if option in _AUTH_OPTIONS:
+        if _option_name(arg) in _REFUSED_OPTIONS:
+            option = arg.split("=", 1)[0]
             raise ConfigurationError(
                 f"refgen flower takes its credentials from FLOWER_BASIC_AUTH, not {option}"
+            )
+    for name in ("FLOWER_CONF", "FLOWER_AUTH"):
+        if os.environ.get(name):
+            raise ConfigurationError(
+                f"refgen flower takes its credentials from FLOWER_BASIC_AUTH, not {name}"
             )
     if settings.flower_unauthenticated_api:
         raise ConfigurationError("FLOWER_UNAUTHENTICATED_API=true opens Flower's API to anyone")
@@ -49,6 +66,29 @@ def run_flower(settings: Settings, flower_args: list[str]) -> int:
     check_credentials(settings, flower_args)
     from tasks.app import app
 
-    # Flower reads FLOWER_BASIC_AUTH from the environment itself: the value just checked.
-    app.start(["flower", *flower_args])
+    _metrics_behind_credentials()
+    # Flower reads FLOWER_BASIC_AUTH from the environment itself: the value just checked. No
+    # config file may replace it.
+    app.start(["flower", *flower_args, f"--conf={os.devnull}"])
     return exit_codes.RESULT
+
+
+def _metrics_behind_credentials() -> None:
+    """Flower's ``/metrics`` (worker names, task names, failure counts) asks for credentials
+    like every other page: its handler is swapped, in Flower's own list, before Flower builds
+    its application from it."""
+    from flower import urls
+    from flower.views.monitor import Metrics
+    from tornado import web
+
+    class AuthenticatedMetrics(Metrics):  # type: ignore[misc]
+        @web.authenticated
+        async def get(self) -> None:
+            await super().get()
+
+    urls.handlers[:] = [
+        (entry[0], AuthenticatedMetrics, *entry[2:])
+        if isinstance(entry, tuple) and entry[1] is Metrics
+        else entry
+        for entry in urls.handlers
+    ]

@@ -167,6 +167,11 @@ class Settings(BaseSettings):
     gateway_write_timeout_s: float = Field(default=30.0, gt=0)
     # Events one viewer may have waiting; a viewer that falls this far behind is dropped.
     gateway_viewer_queue: int = Field(default=256, ge=1)
+    # Proxies whose X-Forwarded-For the gateway believes (uvicorn's own variable name), comma-
+    # separated. None by default: uvicorn alone would trust 127.0.0.1, so anything relaying
+    # from loopback (a tunnel, a proxy passing the header on) could pick its client address
+    # and so step around the per-client cap.
+    forwarded_allow_ips: str = ""
 
     # How long `refgen run` waits for a lost broker before it says so and exits.
     broker_grace_s: float = Field(default=30.0, ge=0)

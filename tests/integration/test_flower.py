@@ -41,7 +41,13 @@ class Flower:
     """``celery -A tasks.app flower`` on a free loopback port, in its own process group."""
 
     def __init__(
-        self, redis_url: str, env: dict[str, str], log_path: Path, *, refgen: bool = False
+        self,
+        redis_url: str,
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        refgen: bool = False,
+        cwd: Path = ROOT,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -62,7 +68,7 @@ class Flower:
                     f"--port={self.port}",
                     "--address=127.0.0.1",
                 ],
-                cwd=ROOT,
+                cwd=cwd,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -144,9 +150,9 @@ def start_flower(
 ) -> Iterator[Callable[..., Flower]]:
     started: list[Flower] = []
 
-    def start(refgen: bool = False, **flower_env: str) -> Flower:
+    def start(refgen: bool = False, cwd: Path = ROOT, **flower_env: str) -> Flower:
         log = tmp_path / f"flower{len(started)}.log"
-        flower = Flower(broker.url, {**env, **flower_env}, log, refgen=refgen)
+        flower = Flower(broker.url, {**env, **flower_env}, log, refgen=refgen, cwd=cwd)
         started.append(flower)
         return flower.wait_ready()
 
@@ -320,12 +326,32 @@ def test_refgen_flower_refuses_to_start_without_real_credentials(env: dict[str, 
         timeout=60,
     )
     assert done.returncode == 5 and "not --basic_auth" in done.stderr
+    # However spelt: Tornado strips the dashes and reads _ as -. A config file could set
+    # basic_auth too.
+    for arg in (
+        "-basic_auth=x:",
+        "---basic-auth=x:",
+        "-auth=x",
+        "-unauthenticated_api",
+        "--conf=c.py",
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "tasks.cli", "flower", f"--port={free_port()}", arg],
+            env={**env, "FLOWER_BASIC_AUTH": "ops:pw"},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 5 and "takes its credentials" in done.stderr, (arg, done.stderr)
 
 
-def test_refgen_flower_lets_nobody_in_without_the_password(start_flower) -> None:
+def test_refgen_flower_lets_nobody_in_without_the_password(start_flower, tmp_path: Path) -> None:
     """The attacks, against a real Flower as compose starts it: none gets past 401, not even
-    on the API that starts a (paid) job."""
-    flower = start_flower(refgen=True, FLOWER_BASIC_AUTH="ops:test-only-pw")
+    on the API that starts a (paid) job, nor on Flower's own /metrics; and a flowerconfig.py
+    in its working directory (Flower reads one by default) cannot open it again."""
+    (tmp_path / "flowerconfig.py").write_text("basic_auth = ['']\n")
+    flower = start_flower(refgen=True, cwd=tmp_path, FLOWER_BASIC_AUTH="ops:test-only-pw")
     attacks = {
         "no header": None,
         "empty credential": "Basic Og==",  # ":"
@@ -338,10 +364,13 @@ def test_refgen_flower_lets_nobody_in_without_the_password(start_flower) -> None
         for method, path in (
             ("GET", "/"),
             ("GET", "/api/workers"),
+            ("GET", "/metrics"),
             ("POST", f"/api/task/async-apply/{START}"),
         ):
             status, body = flower.get(path, header=header, method=method)
             assert status == 401, (what, method, path, status, body[:200])
     assert flower.get("/api/workers", auth="ops:test-only-pw")[0] == 200
+    status, body = flower.get("/metrics", auth="ops:test-only-pw")
+    assert status == 200 and b"flower_" in body
     assert flower.get("/healthcheck") == (200, b"OK")
     assert "test-only-pw" not in flower.log_path.read_text()

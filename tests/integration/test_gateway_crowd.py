@@ -142,6 +142,11 @@ def test_past_the_caps_503_with_retry_after_and_the_viewers_already_in_carry_on(
             assert sorted(v.status or 0 for v in first) == [200] * 30 + [503]
             (refused,) = [v for v in first if v.status == 503]
             assert refused.headers["retry-after"].isdigit()
+            # A header cannot make one client into another: no proxy is trusted by default.
+            (forged,) = await open_viewers(
+                "127.0.0.1", gateway.port, [path], headers="X-Forwarded-For: 10.0.0.1\r\n"
+            )
+            assert forged.status == 503
             second = await open_viewers("127.0.0.1", gateway.port, [path] * 20, source="127.0.0.2")
             assert [v.status for v in second] == [200] * 20
             (full,) = await open_viewers("127.0.0.1", gateway.port, [path], source="127.0.0.3")
@@ -159,7 +164,7 @@ def test_past_the_caps_503_with_retry_after_and_the_viewers_already_in_carry_on(
         asyncio.run(scenario())
         metrics = httpx.get(f"{gateway.url}/metrics").text
         assert 'refgen_gateway_streams_refused_total{reason="full"} 1.0' in metrics
-        assert 'refgen_gateway_streams_refused_total{reason="per_client"} 1.0' in metrics
+        assert 'refgen_gateway_streams_refused_total{reason="per_client"} 2.0' in metrics
     no_tracebacks(gateway.log)
 
 
