@@ -137,11 +137,16 @@ def rescue_orphans() -> None:
 
 def finalize_and_store(job_id: str, cause: Cause) -> Any:
     """Finalize a job outside its chord and store its result under the job id, as the chord's
-    finalize would. The deadline goes only once the result is stored."""
+    finalize would. At the deadline, the deadline goes once the result is stored. An image
+    task that ends its job early (doomed, or its last outcome) leaves the deadline to the
+    chord's finalize, which removes it when it succeeds: should the chord's part return or
+    callback fail, Celery stores a ChordError under the job id, and the deadline's finalize
+    then stores the committed result over it again."""
     with tracing.span("refgen.finalize_now", job_id=job_id, cause=cause):
         result = JobFinalizer(services()).finalize(job_id, cause=cause)
         publish("publish.result", lambda: app.backend.store_result(job_id, result, states.SUCCESS))
-        services().deadlines.done(job_id)
+        if cause == "deadline":
+            services().deadlines.done(job_id)
     return result
 
 
