@@ -155,6 +155,18 @@ const handlers = {
   },
 };
 
+// Whether the stream's token (a JWT: its middle part is base64url JSON) has expired.
+function tokenExpired() {
+  if (!streamToken) return false;
+  try {
+    const part = streamToken.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(part)).exp;
+    return typeof exp === "number" && exp * 1000 <= Date.now();
+  } catch (e) {
+    return false;
+  }
+}
+
 // The last event shown: after a refusal (503, a full gateway) the page opens a new stream
 // from there; the browser itself only reconnects after a stream that ended or broke.
 let lastEventId = null;
@@ -184,6 +196,12 @@ function follow() {
   source.onerror = () => {
     if (document.body.dataset.finished) return;
     if (source.readyState === EventSource.CLOSED) {
+      if (tokenExpired()) {
+        // Refused for good: its token has expired. Retrying would only be refused again.
+        setStatus("disconnected");
+        notice("This page's link has expired: open the job again from where you found it.");
+        return;
+      }
       // Refused (a busy gateway answers 503 with Retry-After, which EventSource cannot
       // read): try again in 5-15 s, spread so that a crowd does not come back at once.
       setStatus("reconnecting…");
