@@ -75,14 +75,12 @@ def _start(self: Any, job_id: object, plan: object, duration_seconds: object) ->
     # All of it under the lease: a refusal whose null cannot be stored yet (Redis away) is
     # sent again by the watchdog, rather than leave the job id claimed and without a result.
     with abandoned_as_ignored(self):
-        intake = JobIntake(services())
+        # A refused earlier send of this job id stored a null result: the job's begin deletes
+        # it, so that readers wait for this run's.
+        intake = JobIntake(services(), result_key=self.backend.get_key_for_task)
         admission = intake.admit(job_id, plan, duration_seconds, task_id=self.request.id or "")
         if isinstance(admission, Launch):
             job = admission.plan
-            if admission.fresh:
-                # A refused earlier send of this job id stored a null result: readers must
-                # wait for this run's.
-                self.backend.forget(job.job_id)
             launch(job)
             crash_point("start.after_chord_sent")
             intake.launched(job.job_id)
@@ -94,7 +92,7 @@ def _start(self: Any, job_id: object, plan: object, duration_seconds: object) ->
             return {"job_id": admission.job_id, "status": "cancelled"}
         if admission.job_id is not None:
             # The text-only answer, readable by job id like any other result; only then may
-            # a corrected plan take the job id (its start forgets this null before it runs).
+            # a corrected plan take the job id (its begin deletes this null).
             self.backend.store_result(admission.job_id, None, states.SUCCESS)
             intake.refusal_stored(admission.job_id)
         return {"job_id": admission.job_id, "status": "refused", "reason": admission.reason}

@@ -139,10 +139,13 @@ class EventPublisher:
         self._publish = register(client, "publish")
         self._index = index
 
-    def publish(self, job_id: str, event: _Payload) -> None:
+    def publish(self, job_id: str, event: _Payload, *, once: str | None = None) -> None:
+        """``once`` names the announcement for good (for ten minutes): publishing it again, as
+        a redelivered message does, announces nothing. Without it, only this call's own retries
+        are deduplicated."""
         message = encode(event)
         try:
-            request = c.JobKeys(job_id).sent(uuid.uuid4().hex)
+            request = c.JobKeys(job_id).sent(once or uuid.uuid4().hex)
             self._publish(
                 keys=[c.events_stream(job_id), request], args=[c.events_channel(job_id), message]
             )

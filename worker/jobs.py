@@ -113,12 +113,16 @@ class JobStore:
         deadline_s: float,
         started_event: str,
         by: str = "",
+        stale_result_key: str | bytes | None = None,
     ) -> bool | None:
-        """Record the job's plan, schedule its deadline and announce it started, once.
+        """Record the job's plan, schedule its deadline and announce it started, once, and
+        delete ``stale_result_key`` (the result backend's key for the job id, where a refused
+        earlier send left its null) in the same step.
         False when a previous delivery already did (True again for the same ``by``: the call
         retried after its reply was lost); None, with nothing written, when the job was
         cancelled before it began."""
         keys = c.JobKeys(job_id)
+        stale = [stale_result_key] if stale_result_key else []
         scenes = sum(1 for i in images if i.image_type == "scene")
         planned = json.dumps([i.model_dump(mode="json") for i in images])
         (began,) = self._replication.write(
@@ -130,6 +134,7 @@ class JobStore:
                     c.events_stream(job_id),
                     c.JOB_INDEX,
                     c.JOB_INDEX_SUMMARIES,
+                    *stale,
                 ],
                 args=[
                     job_id,

@@ -4,7 +4,7 @@ or a cancellation's null: worker/cancel.py)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -75,8 +75,13 @@ def usable_job_id(job_id: object) -> str | None:
 
 
 class JobIntake:
-    def __init__(self, services: Services) -> None:
+    def __init__(
+        self, services: Services, result_key: Callable[[str], str | bytes] | None = None
+    ) -> None:
+        """``result_key`` names the result backend's key for a job id: a job that begins
+        deletes a refused earlier send's null there, in the step that begins it."""
         self._s = services
+        self._result_key = result_key
 
     def admit(
         self, job_id: object, plan: object, duration_seconds: object, *, task_id: str
@@ -120,10 +125,11 @@ class JobIntake:
             crash_point("start.after_ledger_open")
             s.ledger.preflight(key, estimate_cost(len(job_plan.images)))
         except InvalidPlanError as exc:
-            return self._refuse(key, exc, details=exc.details)
+            return self._refuse(key, task_id, exc, details=exc.details)
         except BudgetExceededError as exc:
             return self._refuse(
                 key,
+                task_id,
                 exc,
                 limit=exc.limit,
                 spent=exc.spent,
@@ -136,6 +142,7 @@ class JobIntake:
             deadline_s=s.settings.job_deadline_s,
             started_event=encode(StageStarted(total_images=len(job_plan.images))),
             by=task_id,
+            stale_result_key=self._result_key(key) if self._result_key else None,
         )
         if fresh is None:
             return self._cancelled(key)
@@ -158,10 +165,16 @@ class JobIntake:
         JobFinalizer(self._s).finalize(job_id, cause="cancelled")
         return Cancelled(job_id)
 
-    def _refuse(self, job_id: str, error: RefgenError, **figures: Any) -> Refused | Cancelled:
+    def _refuse(
+        self, job_id: str, task_id: str, error: RefgenError, **figures: Any
+    ) -> Refused | Cancelled:
         if self._s.jobs.doomed(job_id) == "cancelled":
             return self._cancelled(job_id)  # one end: the cancel's, not a refusal after it
         log.warning("job_refused", job_id=job_id, reason=error.reason)
+        # Named by the start's task id: the same message redelivered (its worker died before
+        # storing the null) refuses again and announces nothing twice; a corrected re-send
+        # is another message.
+        once = f"refusal:{task_id}" if task_id else None
         self._s.events.publish(
             job_id,
             JobError(
@@ -169,6 +182,7 @@ class JobIntake:
                 message="Nothing was generated or charged; the pipeline continues text-only.",
                 **figures,
             ),
+            once=once and f"{once}:error",
         )
         self._s.events.publish(
             job_id,
@@ -181,6 +195,7 @@ class JobIntake:
                 total_time=0.0,
                 result_status="invalid" if isinstance(error, InvalidPlanError) else "refused",
             ),
+            once=once and f"{once}:end",
         )
         # The claim is kept until the refusal's null result is stored (``refusal_stored``):
         # a corrected start let in sooner could forget the result before the null landed,

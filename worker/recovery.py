@@ -43,6 +43,7 @@ import json
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,6 +301,12 @@ class Watchdog:
         self._finalize_overdue = finalize_overdue
         self._rescue_orphans = rescue_orphans
         self._claimer = claimer
+        # A deadline's finalize waits up to 15 s for what runs to stop (worker/stopping.py):
+        # on threads of their own, so that overdue jobs never hold up the re-sends of lost
+        # tasks. A job still being finalized here is not taken again.
+        self._finalizing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="refgen_deadline")
+        self._overdue: set[str] = set()
+        self._overdue_lock = threading.Lock()
         self.interval_s = max(0.5, leases.ttl_s / 4)
         # Long enough to send a message, short enough that a failed re-send is retried soon.
         self._claim_hold_s = max(5.0, leases.ttl_s)
@@ -323,7 +330,20 @@ class Watchdog:
             log.warning("lost_task_resent", task_id=claim.task_id, task=claim.payload.get("task"))
         self._rescue_orphans()
         for job_id in self._deadlines.claim_due(hold_s=max(60.0, self._claim_hold_s)):
+            with self._overdue_lock:
+                if job_id in self._overdue:
+                    continue
+                self._overdue.add(job_id)
+            self._finalizing.submit(self._finalize, job_id)
+
+    def _finalize(self, job_id: str) -> None:
+        try:
             self._finalize_overdue(job_id)
+        except Exception:
+            log.exception("deadline_finalize_crashed", job_id=job_id)
+        finally:
+            with self._overdue_lock:
+                self._overdue.discard(job_id)
 
 
 class Ticker:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from worker import constants as c
+from worker import crashpoints
 from worker.events import StageStarted, encode
 from worker.generation import Bill
 from worker.generation.local import LocalImageGenerator
@@ -231,8 +232,11 @@ def test_the_outcome_that_completes_a_job_says_so_once(services) -> None:
     assert not services.jobs.record_outcome(job_id, "scene_a", made("scene", "a")).last
     last = services.jobs.record_outcome(job_id, "character_c", failed("character", "c"))
     assert last.last and last.is_new
+    # Issue 20, item 7: run again (its reply lost, or a redelivery), the same answer, or its
+    # task no longer ends the job at once; ending it again is a read of the committed result.
     again = services.jobs.record_outcome(job_id, "character_c", made("character", "c"))
-    assert not again.last and not again.is_new  # a redelivery does not end it twice
+    assert again.last and not again.is_new
+    assert not services.jobs.record_outcome(job_id, "scene_a", made("scene", "a")).last
 
 
 def test_half_failed_dooms_a_job(services) -> None:
@@ -389,3 +393,36 @@ def test_begin_run_again_by_the_same_start_says_it_began_the_job(services) -> No
     assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-1") is True
     assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-1") is True
     assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-2") is False
+
+
+def test_a_refusal_redelivered_before_its_null_is_stored_is_announced_once(
+    services, redis_client, load_plan
+) -> None:
+    # A start killed after announcing its refusal and before storing the null comes back as the
+    # same message: the viewers saw one end, and must not see a second.
+    plan = load_plan("typical_2x2")
+    for _ in range(2):
+        refused = JobIntake(services).admit(plan["job_id"], plan, 0.006, task_id="t-1")
+        assert not isinstance(refused, Launch) and "limit is $0.02" in refused.reason
+    kinds = [e["event_type"] for e in history(redis_client, plan["job_id"])]
+    assert kinds == ["error", "stage_update"]
+    assert [f["result_status"] for f in finals(redis_client, plan["job_id"])] == ["refused"]
+
+
+def test_the_step_that_begins_a_job_deletes_a_refused_sends_null(
+    services, redis_client, load_plan, monkeypatch
+) -> None:
+    """Issue 20, item 4: the start forgot the refusal's null only after beginning the job, so a
+    start killed in between left the null readable as this run's answer until finalize."""
+    plan = load_plan("typical_2x2")
+    key = f"celery-task-meta-{plan['job_id']}"
+    redis_client.set(key, json.dumps({"status": "SUCCESS", "result": None}))
+    intake = JobIntake(services, result_key=lambda job_id: f"celery-task-meta-{job_id}")
+    monkeypatch.setattr(crashpoints, "_BUG_AT", "start.after_plan_stored")
+    monkeypatch.setattr(crashpoints, "_FUSE", None)
+    with pytest.raises(RuntimeError, match="injected fault"):  # the start dies just after
+        intake.admit(plan["job_id"], plan, None, task_id="t-1")
+    monkeypatch.setattr(crashpoints, "_BUG_AT", None)
+    assert redis_client.get(key) is None
+    again = intake.admit(plan["job_id"], plan, None, task_id="t-1")  # the redelivery
+    assert isinstance(again, Launch) and not again.fresh

@@ -246,6 +246,44 @@ def test_lease_renewal_never_waits_on_recovery_work(redis_client) -> None:
             ticker.stop()
 
 
+def test_an_overdue_job_being_finalized_never_holds_up_the_resends(redis_client) -> None:
+    """A deadline's finalize waits up to 15 s for what runs to stop; a patrol that waited with
+    it left every lost task of the cluster unsent meanwhile, one such wait per overdue job."""
+    leases = Leases(redis_client, ttl_s=30)
+    seconds, _ = redis_client.time()
+    redis_client.zadd(c.DEADLINES, {"slow-job": seconds - 1})
+    busy, released = threading.Event(), threading.Event()
+    finalized: list[str] = []
+    sent: list[dict[str, Any]] = []
+
+    def slow_finalize(job_id: str) -> None:
+        busy.set()
+        released.wait(30)
+        finalized.append(job_id)
+
+    watchdog = Watchdog(
+        leases,
+        Deadlines(redis_client),
+        resend=sent.append,
+        finalize_overdue=slow_finalize,
+        claimer="w",
+    )
+    patrols = threading.Thread(target=lambda: [watchdog.patrol(), watchdog.patrol()])
+    try:
+        patrols.start()
+        wait_until(busy.is_set)
+        leases.take("lost", {"task": "x"})
+        lapse(redis_client, c.LEASES, "lost")  # a task whose worker died meanwhile
+        lapse(redis_client, c.DEADLINES, "slow-job")  # due again: not taken twice
+        patrols.join(10)
+        assert not patrols.is_alive()
+        watchdog.patrol()
+        assert sent == [{"task": "x"}] and finalized == []  # sent while the finalize waits
+    finally:
+        released.set()
+    wait_until(lambda: finalized == ["slow-job"])
+
+
 def test_a_ticker_stopped_with_a_wait_lets_the_step_under_way_end_first() -> None:
     """The presence goodbye relies on it: a beat still under way must not land after it."""
     entered, release = threading.Event(), threading.Event()

@@ -1,7 +1,8 @@
 -- Record a job's plan, schedule its deadline and announce "started", once, in one step: a
 -- start that dies half-way can never leave a planned job without a deadline.
 -- KEYS[1] the job's meta hash, KEYS[2] the deadlines sorted set, KEYS[3] the job's event stream,
--- KEYS[4] the index of recent jobs, KEYS[5] its summaries
+-- KEYS[4] the index of recent jobs, KEYS[5] its summaries, KEYS[6] (optional) the result
+-- stored under the job id (a refused earlier send's null)
 -- ARGV[1] job id, ARGV[2] total images, ARGV[3] scenes, ARGV[4] characters,
 -- ARGV[5] the planned images (JSON), ARGV[6] TTL of the meta hash (s),
 -- ARGV[7] seconds until the job's deadline, ARGV[8] the job's channel, ARGV[9] "started" event,
@@ -23,8 +24,11 @@ redis.call('HSET', KEYS[1], 'total_images', ARGV[2], 'scenes', ARGV[3],
   'characters', ARGV[4], 'images', ARGV[5], 'begun_by', ARGV[10] or '')
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
 redis.call('ZADD', KEYS[2], 'NX', now + tonumber(ARGV[7]), ARGV[1])
--- A refused earlier send of this job id left its events: this run's history starts here.
+-- A refused earlier send of this job id left its events and its null result: this run's
+-- history starts here, and its readers wait for its own result. In this same step, so that no
+-- crash can leave the job begun and the null still readable.
 redis.call('DEL', KEYS[3])
+if KEYS[6] then redis.call('DEL', KEYS[6]) end
 announce(KEYS[3], ARGV[8], ARGV[9])
 local row = cjson.encode({status = 'running', total_images = tonumber(ARGV[2]),
   finished_at = cjson.null})

@@ -11,16 +11,16 @@
 -- otherwise; doomed_now is the reason ('scenes' | 'characters' | 'half') when this image's outcome
 -- is the one that made the job unable to pass, else 0: the same answer when the call runs again
 -- (a command retried after its reply was lost, a pipeline re-sent), so the early stop is not
--- lost. last is 1 when it is the job's last outcome, else 0 (0 on a repeat: the chord's finalize
--- then ends the job).
+-- lost. last is 1 when it is the job's last outcome, else 0: the same again on a repeat.
 local images, counts, meta, stream, deadlines = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local image, outcome, ok, kind, ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4],
   tonumber(ARGV[5]), ARGV[6]
 if redis.call('HSETNX', images, image, outcome) == 0 then
-  local doomed = redis.call('HMGET', meta, 'doomed', 'doomed_by')
-  local again = 0
-  if doomed[1] and doomed[2] == image then again = doomed[1] end
-  return {0, redis.call('HGET', images, image), again, 0}
+  local marks = redis.call('HMGET', meta, 'doomed', 'doomed_by', 'last_by')
+  local again, again_last = 0, 0
+  if marks[1] and marks[2] == image then again = marks[1] end
+  if marks[3] == image then again_last = 1 end
+  return {0, redis.call('HGET', images, image), again, again_last}
 end
 local finished = redis.call('HINCRBY', counts, 'finished', 1)
 local succeeded = tonumber(redis.call('HGET', counts, 'succeeded') or '0')
@@ -58,7 +58,10 @@ end
 local last = 0
 if total and finished >= total then
   redis.call('ZADD', deadlines, 'XX', 'LT', server_now() + tonumber(ARGV[8]), ARGV[7])
-  if finished == total then last = 1 end
+  if finished == total then
+    last = 1
+    redis.call('HSET', meta, 'last_by', image)
+  end
 end
 
 for i = 9, #ARGV do
