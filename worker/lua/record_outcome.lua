@@ -7,7 +7,7 @@
 -- ARGV[8] seconds the chord has to finalize a job whose every image has an outcome,
 -- ARGV[9..] events to announce; their "completed_images" and "progress" are filled in here, so counts reach
 -- subscribers in the order outcomes landed.
--- Returns {1, outcome, doomed_now, last} when recorded, {0, outcome on record, doomed_now, 0}
+-- Returns {1, outcome, doomed_now, last} when recorded, {0, outcome on record, doomed_now, last}
 -- otherwise; doomed_now is the reason ('scenes' | 'characters' | 'half') when this image's outcome
 -- is the one that made the job unable to pass, else 0: the same answer when the call runs again
 -- (a command retried after its reply was lost, a pipeline re-sent), so the early stop is not
