@@ -8,6 +8,7 @@ The steps that must not be torn apart by a crash are one Lua script each (``work
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -243,6 +244,9 @@ class JobStore:
         """Commit the job's result and its final event, once. Returns whether this call
         committed, and the committed result: this call's, or an earlier finalize's."""
         keys = c.JobKeys(job_id)
+        # One per call, the same in every send of its pipeline: a send whose reply was lost
+        # still says this call committed.
+        request_id = uuid.uuid4().hex
         ((is_new, stored),) = self._replication.write(
             "result",
             lambda pipe: self._commit(
@@ -266,6 +270,7 @@ class JobStore:
                     commit.made,
                     commit.failed,
                     commit.cost_nano,
+                    request_id,
                     *duration_buckets,
                 ],
                 client=pipe,

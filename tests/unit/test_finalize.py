@@ -7,10 +7,13 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from redis.client import Pipeline
+from structlog.testing import capture_logs
 
 from worker import constants as c
 from worker import crashpoints
@@ -19,6 +22,7 @@ from worker.generation import Bill
 from worker.generation.local import LocalImageGenerator
 from worker.lifecycle import Duplicate, JobFinalizer, JobIntake, Launch
 from worker.models import ImageOutcome, ImageSpec
+from worker.replication import Replication
 from worker.services import Services
 from worker.settings import Settings
 from worker.storage.local import LocalImageStore
@@ -393,6 +397,29 @@ def test_begin_run_again_by_the_same_start_says_it_began_the_job(services) -> No
     assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-1") is True
     assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-1") is True
     assert begin(job_id, specs, deadline_s=30, started_event=started, by="start-2") is False
+
+
+def test_a_commit_sent_again_says_it_committed(services, redis_client, monkeypatch) -> None:
+    """Issue 20, item 7: a commit whose pipeline was sent again (its reply lost with the
+    connection) found its own result and answered "committed earlier", so no finalize logged
+    the job's end. Counted once all the same: the metrics move with the first run alone."""
+    job_id, _ = start_job(services, [("scene", "a")])
+    record(services, job_id, made("scene", "a"))
+    plain = Replication.write
+
+    def sent_twice(self: Replication, what: str, build: Callable[[Pipeline], object]) -> list:
+        if what == "result":
+            plain(self, what, build)  # done; its reply lost
+        return plain(self, what, build)
+
+    monkeypatch.setattr(Replication, "write", sent_twice)
+    before = int(redis_client.hget(c.METRICS, "jobs:success") or 0)
+    with capture_logs() as logs:
+        result = JobFinalizer(services).finalize(job_id)
+        assert JobFinalizer(services).finalize(job_id) == result  # another finalize: a read
+    assert [e["job_id"] for e in logs if e["event"] == "job_finished"] == [job_id]
+    assert int(redis_client.hget(c.METRICS, "jobs:success")) == before + 1
+    assert len(finals(redis_client, job_id)) == 1
 
 
 def test_a_refusal_redelivered_before_its_null_is_stored_is_announced_once(

@@ -8,11 +8,19 @@
 -- ARGV[3] the job's channel, ARGV[4] the final stage_update (its total_time is filled in here
 -- from the server's clock), ARGV[5] job id, ARGV[6] seconds to keep the job's objects,
 -- ARGV[7] outcome label, ARGV[8] images made, ARGV[9] images failed, ARGV[10] cost (nano $),
--- ARGV[11..] duration bucket bounds (s)
--- Returns {1, result} when this call committed, {0, committed result} otherwise.
+-- ARGV[11] this finalize's request id, ARGV[12..] duration bucket bounds (s)
+-- Returns {1, result} when this call committed, {0, committed result} otherwise. The same
+-- request run again (its reply lost, its pipeline sent again) answers {1, result} again, so its
+-- finalize still logs the job's end; it changes nothing the second time.
 local existing = redis.call('GET', KEYS[1])
-if existing then return {0, existing} end
+if existing then
+  if redis.call('HGET', KEYS[2], 'committed_by') == ARGV[11] then return {1, existing} end
+  return {0, existing}
+end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('HSET', KEYS[2], 'committed_by', ARGV[11])
+-- A job whose meta is gone (expired, or never written) must not get one that never expires.
+if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2])) end
 local now = server_now()
 local started = tonumber(redis.call('HGET', KEYS[2], 'started_at') or '')
 local duration = 0
@@ -37,7 +45,7 @@ redis.call('HINCRBY', metrics, 'images:failed', tonumber(ARGV[9]))
 redis.call('HINCRBY', metrics, 'cost:nano', tonumber(ARGV[10]))
 redis.call('HINCRBYFLOAT', metrics, 'duration:sum', duration)
 redis.call('HINCRBY', metrics, 'duration:count', 1)
-for i = 11, #ARGV do
+for i = 12, #ARGV do
   if duration <= tonumber(ARGV[i]) then
     redis.call('HINCRBY', metrics, 'duration:le:' .. ARGV[i], 1)
   end
