@@ -107,6 +107,23 @@ def test_gives_up_retryably_past_its_deadline(redis_client) -> None:
     assert info.value.retry_after_s is not None and info.value.retry_after_s > 1
 
 
+def test_an_admission_run_again_is_still_admitted_and_takes_one_slot(redis_client) -> None:
+    """Issue 20, item 7: redis-py re-sends the script when its reply is lost. Run again, the
+    admission found the window full of itself (or a back-off set since) and said wait, so the
+    request waited, then took a second slot under a new member."""
+    gate = RedisRateGate(redis_client, limit=1, window_s=10)
+    script = gate._admit
+
+    def sent_twice(keys: list[str], args: list[object]) -> int:
+        script(keys=keys, args=args)  # admitted; its reply lost
+        gate.back_off(10)  # a 429 elsewhere meanwhile
+        return int(script(keys=keys, args=args))
+
+    gate._admit = sent_twice  # type: ignore[method-assign]
+    gate.acquire(deadline_s=0)
+    assert redis_client.zcard(c.replicate_limit_key(CREATE)) == 1
+
+
 def test_a_limit_a_minute_is_paced_a_second_at_a_time() -> None:
     assert window_for(600) == (10, 1.0)
     assert window_for(3000) == (50, 1.0)
