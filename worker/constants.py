@@ -114,6 +114,11 @@ def replicate_backoff_key(kind: str) -> str:
     return f"refgen:ratelimit:replicate:{kind}:backoff"
 
 
+def replicate_backoff_request_key(kind: str, request_id: str) -> str:
+    """The mark of one back-off request: run again, it moves nothing."""
+    return f"refgen:ratelimit:replicate:{kind}:backoff:{request_id}"
+
+
 # A job's stream holds at most this many events (a 50-image job makes about 260), and goes
 # this long after its last event.
 EVENTS_STREAM_MAXLEN: Final = 2000

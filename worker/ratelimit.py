@@ -100,7 +100,8 @@ class RedisRateGate:
 
     def back_off(self, seconds: float) -> None:
         """Hold every worker's requests of this kind for ``seconds`` (after a 429)."""
-        self._back_off(keys=self._keys[1:], args=[int(seconds * 1000)])
+        request = c.replicate_backoff_request_key(self._kind, uuid.uuid4().hex)
+        self._back_off(keys=[self._keys[1], request], args=[int(seconds * 1000)])
         log.warning("rate_limit_back_off", kind=self._kind, seconds=seconds)
 
 

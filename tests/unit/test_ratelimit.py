@@ -238,3 +238,28 @@ def test_a_long_retry_after_backs_everyone_off_for_at_most_the_cap(header: str) 
     with httpx.Client(transport=transport, base_url="https://api.replicate.com") as client:
         client.get("/v1/predictions/abc")
     assert budget.backed_off == [(OTHER, c.RETRY_AFTER_CAP_S)]
+
+
+def redis_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def test_a_back_off_run_again_does_not_push_the_hold_later(redis_client) -> None:
+    """Issue 20, item 7: redis-py sends a command again after a timeout (up to 30 s later);
+    the back-off run again counted its hold from then, holding every worker for longer than
+    the 429 asked."""
+    gate = RedisRateGate(redis_client, limit=100)
+    script, first_run = gate._back_off, []
+
+    def sent_twice(**call: object) -> object:
+        script(**call)
+        first_run.append(back_off_until_ms(redis_client))
+        first_ms = redis_ms(redis_client)
+        while redis_ms(redis_client) <= first_ms + 2:
+            time.sleep(0.001)  # the retry lands later, on the server's clock
+        return script(**call)  # the same keys and arguments, as a retry sends them
+
+    gate._back_off = sent_twice  # type: ignore[method-assign]
+    gate.back_off(5)
+    assert first_run and back_off_until_ms(redis_client) == first_run[0]
