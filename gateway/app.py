@@ -219,13 +219,17 @@ class Gateway:
                 },
                 status_code=400,
             )
-        # A stream opened while Redis fails over waits for it, as an open stream would; a
-        # browser given a 503 here would stop following (EventSource gives up on an error).
         async with self._lookups:
-            async for attempt in _patient_while_redis_is_away():
-                with attempt:
-                    known = await self._known(job_id)
-                    expired = known and await self._events_expired(job_id)
+            try:
+                known, expired = await self._look_up(job_id)
+            except (RedisConnectionError, RedisTimeoutError):
+                # A stream opened while Redis fails over waits for it, as an open stream
+                # would; a browser given a 503 here would stop following (EventSource gives
+                # up on an error). Only then: the retrying's objects are garbage in cycles,
+                # which the gateway leaves to its scheduled full collection (gateway/garbage.py).
+                async for attempt in _patient_while_redis_is_away():
+                    with attempt:
+                        known, expired = await self._look_up(job_id)
         if not known:
             return JSONResponse({"detail": f"unknown job {job_id}"}, status_code=404)
         if expired:
@@ -236,6 +240,11 @@ class Gateway:
             )
             return JSONResponse({"detail": detail}, status_code=404)
         return self._open_stream(request, job_id, last_id)
+
+    async def _look_up(self, job_id: str) -> tuple[bool, bool]:
+        """Whether the job is known, and whether its events have expired."""
+        known = await self._known(job_id)
+        return known, known and await self._events_expired(job_id)
 
     def _open_stream(self, request: Request, job_id: str, last_id: str | None) -> Response:
         """A stream slot, taken only now that the request is known good (and allowed); the

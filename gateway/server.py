@@ -9,7 +9,6 @@ out of descriptors is answered 503 (``gateway/door.py``)."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import socket
 import sys
@@ -21,6 +20,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.door import OutOfDescriptors, header_timeout_protocol
+from gateway.garbage import ScheduledCollection
 from gateway.limits import effective_cap, raise_fd_limit
 from worker.logging import configure_logging, install_redaction, renderer
 from worker.settings import Settings
@@ -110,8 +110,9 @@ def serve(settings: Settings, *, host: str, port: int) -> None:
             action="raise the hard open-file limit (ulimit -Hn) to serve GATEWAY_MAX_STREAMS",
         )
     # Everything loaded so far lives as long as the process: out of the collector's full
-    # passes, whose pauses grow with what they scan and delay every stream at once.
-    gc.freeze()
+    # passes, whose pauses grow with what they scan and delay every stream at once; and
+    # those passes on a schedule, not whenever a crowd arrives.
+    ScheduledCollection().start()
     config = uvicorn.Config(
         app,
         host=host,
