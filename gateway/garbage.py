@@ -1,15 +1,15 @@
 """The gateway's garbage collection: young generations as Python runs them, full passes on a
 schedule.
 
-A full pass scans every object the process holds: with 10,000 open streams, 0.4–0.8 s during
+A full pass scans every object the process holds: with 10,000 open streams, 0.4-0.8 s during
 which no stream is served (README: Scaling the gateway). Python starts one whenever the
 objects that outlived two young collections have grown by a quarter since the last, which a
-crowd arriving does again and again; a single such pass early in a bench's flow put its p99
-delay at 0.8–1 s. A stream's own objects live as long as it does and are freed by reference
-counting when it ends, and the few cycles a stream makes die young, in the young
-collections. So here the young generations are collected as usual, and the full pass, which
-only the rare cycles that outlive a young collection need, runs every ``FULL_PASS_EVERY_S`` (5 minutes)
-and is logged with its pause.
+crowd arriving does again and again; one such pass early in a bench's flow put its p99 delay
+at 0.8-1 s. A stream's objects are freed by reference counting when it ends; what only a full
+pass frees is the few cycles that outlived the young collections (a closed connection's
+asyncio transport, about a kilobyte, is one). So here the young generations are collected as
+Python does, and the full pass runs every ``FULL_PASS_EVERY_S`` (5 minutes), logged with its
+pause: one stop every five minutes, which a p99 does not see.
 """
 
 from __future__ import annotations
