@@ -94,11 +94,6 @@ def start_threads() -> None:
         _tickers_pid = os.getpid()
 
 
-def stop_threads() -> None:
-    for ticker in _tickers:
-        ticker.stop()
-
-
 def resend(payload: dict[str, Any]) -> None:
     """Send a lost task again, under its own task id."""
     fail_point("watchdog.resend", error=OperationalError)

@@ -94,7 +94,7 @@ def _start(self: Any, job_id: object, plan: object, duration_seconds: object) ->
             # The text-only answer, readable by job id like any other result; only then may
             # a corrected plan take the job id (its begin deletes this null).
             self.backend.store_result(admission.job_id, None, states.SUCCESS)
-            intake.refusal_stored(admission.job_id)
+            intake.refusal_stored(admission.job_id, self.request.id or "")
         return {"job_id": admission.job_id, "status": "refused", "reason": admission.reason}
 
 

@@ -145,6 +145,12 @@ METRICS: Final = "refgen:metrics"  # hash: the cluster's job counters
 WORKERS_SEEN: Final = "refgen:workers"  # sorted set: worker name → last heartbeat (server clock)
 
 
+# How long a publish's mark stops it being announced twice: a retried command (seconds), and
+# an announcement named once (worker/events.py), which a redelivered message repeats (minutes).
+PUBLISH_RETRY_MARK_TTL_S = 600
+ANNOUNCED_ONCE_TTL_S = 86_400
+
+
 class JobKeys:
     """Redis keys of one job. The ``{job_id}`` hash tag keeps them in one cluster slot,
     which the ledger's Lua scripts need."""

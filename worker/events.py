@@ -140,14 +140,16 @@ class EventPublisher:
         self._index = index
 
     def publish(self, job_id: str, event: _Payload, *, once: str | None = None) -> None:
-        """``once`` names the announcement for good (for ten minutes): publishing it again, as
-        a redelivered message does, announces nothing. Without it, only this call's own retries
-        are deduplicated."""
+        """``once`` names the announcement: publishing it again within a day, as a redelivered
+        message does, announces nothing (its mark, ``JobKeys.sent(once)``, may be deleted to
+        allow it again). Without it, only this call's own retries are deduplicated."""
         message = encode(event)
         try:
             request = c.JobKeys(job_id).sent(once or uuid.uuid4().hex)
+            keep_s = c.ANNOUNCED_ONCE_TTL_S if once else c.PUBLISH_RETRY_MARK_TTL_S
             self._publish(
-                keys=[c.events_stream(job_id), request], args=[c.events_channel(job_id), message]
+                keys=[c.events_stream(job_id), request],
+                args=[c.events_channel(job_id), message, keep_s],
             )
         except redis.RedisError as exc:
             # Progress is best effort: a lost event must not fail a paid image.

@@ -103,8 +103,10 @@ class JobStore:
     def claimed_by(self, job_id: str) -> str | None:
         return _text(self._redis.get(c.JobKeys(job_id).claim))
 
-    def release_claim(self, job_id: str) -> None:
-        self._redis.delete(c.JobKeys(job_id).claim)
+    def release_claim(self, job_id: str, *marks: str) -> None:
+        """Let the job id be claimed again, and delete ``marks`` (the job's keys, such as its
+        announcements made once) in the same step."""
+        self._redis.delete(c.JobKeys(job_id).claim, *marks)
 
     def begin(
         self,

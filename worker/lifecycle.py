@@ -172,9 +172,9 @@ class JobIntake:
             return self._cancelled(job_id)  # one end: the cancel's, not a refusal after it
         log.warning("job_refused", job_id=job_id, reason=error.reason)
         # Named by the start's task id: the same message redelivered (its worker died before
-        # storing the null) refuses again and announces nothing twice; a corrected re-send
-        # is another message.
-        once = f"refusal:{task_id}" if task_id else None
+        # storing the null) refuses again and announces nothing twice; the marks go once the
+        # null is stored (``refusal_stored``).
+        once = _refusal_once(task_id)
         self._s.events.publish(
             job_id,
             JobError(
@@ -182,7 +182,7 @@ class JobIntake:
                 message="Nothing was generated or charged; the pipeline continues text-only.",
                 **figures,
             ),
-            once=once and f"{once}:error",
+            once=once[0] if once else None,
         )
         self._s.events.publish(
             job_id,
@@ -195,17 +195,23 @@ class JobIntake:
                 total_time=0.0,
                 result_status="invalid" if isinstance(error, InvalidPlanError) else "refused",
             ),
-            once=once and f"{once}:end",
+            once=once[1] if once else None,
         )
         # The claim is kept until the refusal's null result is stored (``refusal_stored``):
         # a corrected start let in sooner could forget the result before the null landed,
         # and its readers would take the null for its answer.
         return Refused(job_id=job_id, reason=error.reason)
 
-    def refusal_stored(self, job_id: str) -> None:
+    def refusal_stored(self, job_id: str, task_id: str) -> None:
         """The refused job's null result is stored: a corrected plan may now be sent again
-        under the same job id."""
-        self._s.jobs.release_claim(job_id)
+        under the same job id, and announced, even by a start that reuses the task id."""
+        marks = [c.JobKeys(job_id).sent(once) for once in _refusal_once(task_id) or ()]
+        self._s.jobs.release_claim(job_id, *marks)
+
+
+def _refusal_once(task_id: str) -> tuple[str, str] | None:
+    """The names of a refusal's two announcements (its error, its end), for its start."""
+    return (f"refusal:{task_id}:error", f"refusal:{task_id}:end") if task_id else None
 
 
 class JobFinalizer:

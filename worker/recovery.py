@@ -43,7 +43,6 @@ import json
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,6 +281,9 @@ class Heartbeat:
                 log.warning("image_lock_lost", lock=str(lock.name))
 
 
+_FINALIZING_AT_ONCE = 4
+
+
 class Watchdog:
     """Sends again the tasks of expired leases and finalizes jobs past their deadline."""
 
@@ -302,9 +304,11 @@ class Watchdog:
         self._rescue_orphans = rescue_orphans
         self._claimer = claimer
         # A deadline's finalize waits up to 15 s for what runs to stop (worker/stopping.py):
-        # on threads of their own, so that overdue jobs never hold up the re-sends of lost
-        # tasks. A job still being finalized here is not taken again.
-        self._finalizing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="refgen_deadline")
+        # each on a thread of its own, so that overdue jobs never hold up the re-sends of lost
+        # tasks, and no more at once than _FINALIZING_AT_ONCE, so that a claim is not left
+        # waiting here past its hold (another watchdog would finalize the job alongside).
+        # Daemon threads: a finalize cut short by the process's exit is one more crash, which
+        # the claim's lapse hands to the next watchdog.
         self._overdue: set[str] = set()
         self._overdue_lock = threading.Lock()
         self.interval_s = max(0.5, leases.ttl_s / 4)
@@ -329,12 +333,19 @@ class Watchdog:
             self._leases.extend(claim.task_id, claim.token, self._leases.queued_grace_s)
             log.warning("lost_task_resent", task_id=claim.task_id, task=claim.payload.get("task"))
         self._rescue_orphans()
-        for job_id in self._deadlines.claim_due(hold_s=max(60.0, self._claim_hold_s)):
+        with self._overdue_lock:
+            free = _FINALIZING_AT_ONCE - len(self._overdue)
+        if free <= 0:
+            return
+        hold_s = max(60.0, self._claim_hold_s)
+        for job_id in self._deadlines.claim_due(hold_s=hold_s, limit=free):
             with self._overdue_lock:
                 if job_id in self._overdue:
-                    continue
+                    continue  # its claim came due again while its finalize waits: one is enough
                 self._overdue.add(job_id)
-            self._finalizing.submit(self._finalize, job_id)
+            threading.Thread(
+                target=self._finalize, args=(job_id,), name="refgen_deadline", daemon=True
+            ).start()
 
     def _finalize(self, job_id: str) -> None:
         try:

@@ -142,7 +142,7 @@ def test_a_publish_run_again_announces_its_event_once(redis_client) -> None:
     job_id = "job-publish-once"
     publish = register(redis_client, "publish")
     keys = [c.events_stream(job_id), c.JobKeys(job_id).sent("request-1")]
-    args = [c.events_channel(job_id), '{"event_type":"progress","data":{"progress":5}}']
+    args = [c.events_channel(job_id), '{"event_type":"progress","data":{"progress":5}}', 600]
     assert publish(keys=keys, args=args) == 1
     assert publish(keys=keys, args=args) == 0
     assert redis_client.xlen(c.events_stream(job_id)) == 1

@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from redis.client import Pipeline
 from structlog.testing import capture_logs
 
@@ -123,7 +124,7 @@ def test_a_budget_refusal_can_be_sent_again_corrected(services, load_plan) -> No
     # or it could forget the result before the null lands, and its readers read the null.
     early = JobIntake(services).admit(plan["job_id"], plan, 180, task_id="t-2")
     assert isinstance(early, Duplicate)
-    JobIntake(services).refusal_stored(plan["job_id"])
+    JobIntake(services).refusal_stored(plan["job_id"], "t-1")
     again = JobIntake(services).admit(plan["job_id"], plan, 180, task_id="t-2")
     assert isinstance(again, Launch)
     assert services.ledger.totals(plan["job_id"]).limit == Decimal(600)
@@ -434,6 +435,10 @@ def test_a_refusal_redelivered_before_its_null_is_stored_is_announced_once(
     kinds = [e["event_type"] for e in history(redis_client, plan["job_id"])]
     assert kinds == ["error", "stage_update"]
     assert [f["result_status"] for f in finals(redis_client, plan["job_id"])] == ["refused"]
+    # Once its null is stored, a start that reuses the task id is another message: announced.
+    JobIntake(services).refusal_stored(plan["job_id"], "t-1")
+    JobIntake(services).admit(plan["job_id"], plan, 0.006, task_id="t-1")
+    assert len(finals(redis_client, plan["job_id"])) == 2
 
 
 def test_the_step_that_begins_a_job_deletes_a_refused_sends_null(
@@ -444,7 +449,9 @@ def test_the_step_that_begins_a_job_deletes_a_refused_sends_null(
     plan = load_plan("typical_2x2")
     key = f"celery-task-meta-{plan['job_id']}"
     redis_client.set(key, json.dumps({"status": "SUCCESS", "result": None}))
-    intake = JobIntake(services, result_key=lambda job_id: f"celery-task-meta-{job_id}")
+    # The key as the worker names it: Celery's backend's, as bytes.
+    backend = Celery(backend="redis://127.0.0.1:1/0").backend
+    intake = JobIntake(services, result_key=backend.get_key_for_task)
     monkeypatch.setattr(crashpoints, "_BUG_AT", "start.after_plan_stored")
     monkeypatch.setattr(crashpoints, "_FUSE", None)
     with pytest.raises(RuntimeError, match="injected fault"):  # the start dies just after

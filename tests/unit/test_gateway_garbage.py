@@ -8,6 +8,8 @@ import time
 import weakref
 from typing import Any
 
+import pytest
+
 from gateway.garbage import ScheduledCollection
 
 
@@ -34,10 +36,11 @@ def full_passes_during(work: Any) -> list[str]:
 
 def a_crowd_arrives() -> None:
     """Long-lived objects growing by far more than a quarter, as 10,000 streams opening do:
-    Python's own rule starts full passes for it."""
-    crowd = [[i] for i in range(300_000)]
-    for _ in range(3):
-        crowd += [[i] for i in range(300_000)]
+    Python's own rule starts full passes for it (sized by what this process holds)."""
+    size = max(100_000, len(gc.get_objects()) // 2)
+    crowd = [[i] for i in range(size)]
+    for _ in range(2):
+        crowd += [[i] for i in range(size)]
     del crowd
 
 
@@ -49,6 +52,17 @@ def test_a_crowd_arriving_starts_no_full_pass() -> None:
     finally:
         collection.stop()
     assert gc.get_threshold()[2] < 1_000  # Python's own schedule is back
+
+
+def test_one_schedule_per_process() -> None:
+    first = ScheduledCollection(every_s=3600).start()
+    try:
+        with pytest.raises(RuntimeError, match="already"):
+            ScheduledCollection(every_s=3600).start()
+    finally:
+        first.stop()
+    ScheduledCollection().stop()  # never started: nothing to put back
+    assert gc.get_threshold()[2] < 1_000
 
 
 def test_the_scheduled_pass_frees_the_cycles_that_outlived_the_young_collections() -> None:

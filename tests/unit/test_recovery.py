@@ -253,10 +253,12 @@ def test_an_overdue_job_being_finalized_never_holds_up_the_resends(redis_client)
     seconds, _ = redis_client.time()
     redis_client.zadd(c.DEADLINES, {"slow-job": seconds - 1})
     busy, released = threading.Event(), threading.Event()
+    begun: list[str] = []
     finalized: list[str] = []
     sent: list[dict[str, Any]] = []
 
     def slow_finalize(job_id: str) -> None:
+        begun.append(job_id)
         busy.set()
         released.wait(30)
         finalized.append(job_id)
@@ -282,6 +284,38 @@ def test_an_overdue_job_being_finalized_never_holds_up_the_resends(redis_client)
     finally:
         released.set()
     wait_until(lambda: finalized == ["slow-job"])
+    watchdog.patrol()  # its deadline is held by the claim: not finalized again
+    assert begun == ["slow-job"]
+
+
+def test_a_watchdog_claims_no_more_overdue_jobs_than_it_finalizes_at_once(redis_client) -> None:
+    """A claim left waiting behind other finalizes past its hold would be taken by another
+    watchdog too: two finalizes of one job, each stopping its spending."""
+    seconds, _ = redis_client.time()
+    overdue = [f"job-{n}" for n in range(6)]
+    redis_client.zadd(c.DEADLINES, {job_id: seconds - 1 for job_id in overdue})
+    released = threading.Event()
+    begun: list[str] = []
+
+    def slow_finalize(job_id: str) -> None:
+        begun.append(job_id)
+        released.wait(30)
+
+    watchdog = Watchdog(
+        Leases(redis_client, ttl_s=30),
+        Deadlines(redis_client),
+        resend=lambda payload: None,
+        finalize_overdue=slow_finalize,
+        claimer="w",
+    )
+    try:
+        watchdog.patrol()
+        wait_until(lambda: len(begun) == 4)
+        watchdog.patrol()  # every thread busy: it claims nothing
+        unclaimed = Deadlines(redis_client).claim_due(hold_s=60)
+        assert len(unclaimed) == 2 and not set(unclaimed) & set(begun)
+    finally:
+        released.set()
 
 
 def test_a_ticker_stopped_with_a_wait_lets_the_step_under_way_end_first() -> None:

@@ -5,8 +5,10 @@
 -- ARGV[2]  the window, ms
 -- ARGV[3]  a unique member for this admission
 -- Returns 0 when admitted, otherwise the ms to wait before asking again. The same member run
--- again (its reply lost) is admitted again, in its one slot, whatever the window or a back-off
--- now say: told to wait, its request would take a second slot when it asked again.
+-- again (its reply lost) while its slot is in the window is admitted again, in that slot,
+-- whatever the window or a back-off now say: told to wait, its request would take a second
+-- slot when it asked again. Run again later, its slot has lapsed: it is a new admission, for
+-- the request that follows now.
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) then return 0 end
 local now_ms = math.floor(server_now() * 1000)
 local limit, window_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
