@@ -5,7 +5,9 @@ shared reader (``refgen gateway``) and the old design (``bench/legacy_gateway.py
 Events flow while the streams are open: every job gets an event every ``EVENT_EVERY_S`` (at a
 random phase) until its end, a random moment in the second half of the flow, then its final
 ``stage_update``; they are published by the worker's own publisher
-(``worker.events.EventPublisher``, the Lua ``announce`` a worker uses). Viewers
+(``worker.events.EventPublisher``, the Lua ``announce`` a worker uses). Beside them,
+``REAL_JOBS`` of the watched jobs are real ones: a ``refgen worker`` makes their images while
+the flow runs, and their viewers must get every event of the job too. Viewers
 (``tasks/crowd.py``) run in ``CLIENT_PROCESSES`` processes of their own, ``VIEWERS_PER_JOB``
 per job.
 
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import gc
 import heapq
+import json
 import multiprocessing
 import os
 import random
@@ -37,16 +40,20 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench.common import ROOT, figure, table
+from bench.common import ROOT, figure, load_plan, table
+from gateway.stream import is_final
 from tasks.crowd import FINISHED, open_viewers
-from tasks.harness import base_worker_env
+from tasks.harness import JobRunner, WorkerProcess, base_worker_env
 from tasks.localredis import RedisServer, free_port
+from worker import constants as c
 from worker.events import EventPublisher, Progress
 
 VIEWERS_PER_JOB = 10
 EVENT_EVERY_S = 2.0
 CLIENT_PROCESSES = 2
 SETTLE_S = 5.0
+REAL_JOBS = 8
+REAL_IMAGE_S = 1.0
 
 
 @dataclass
@@ -115,9 +122,11 @@ def start_gateway(
 
 def run_one(url: str, design: str, streams: int, flow_s: float, tmp: Path) -> Result:
     publisher = EventPublisher(redis.Redis.from_url(url))
-    jobs = [f"crowd-{uuid.uuid4().hex[:12]}" for _ in range(streams // VIEWERS_PER_JOB)]
-    for job_id in jobs:
-        publisher.publish(job_id, Progress(progress=0))  # the job exists: its history
+    real = [str(uuid.uuid4()) for _ in range(REAL_JOBS)]
+    jobs = [f"crowd-{uuid.uuid4().hex[:12]}" for _ in range(streams // VIEWERS_PER_JOB - len(real))]
+    for job_id in [*jobs, *real]:
+        # The job exists: its history. A real job's start replaces it with its own events.
+        publisher.publish(job_id, Progress(progress=0))
     env = base_worker_env(url, tmp / "storage")
     env.update(
         LOG_LEVEL="WARNING",
@@ -125,11 +134,23 @@ def run_one(url: str, design: str, streams: int, flow_s: float, tmp: Path) -> Re
         GATEWAY_MAX_STREAMS_PER_CLIENT=str(streams + 100),
     )
     port = free_port()
+    runner = JobRunner(url)
+    worker = WorkerProcess(
+        {
+            **env,
+            "GENERATOR_BACKEND": "local",
+            "STORAGE_BACKEND": "local",
+            "LOCAL_GENERATOR_LATENCY_S": str(REAL_IMAGE_S),
+        },
+        tmp / f"worker-{design}-{streams}.log",
+        "bench-gw",
+    ).start(runner.client)
     gateway = start_gateway(design, env, port, tmp / f"{design}-{streams}.log")
     pipes, clients = [], []
     try:
         base_rss = rss_kb(gateway.pid)
-        paths = [f"/jobs/{job_id}/events" for job_id in jobs for _ in range(VIEWERS_PER_JOB)]
+        watched = [*jobs, *real]
+        paths = [f"/jobs/{job_id}/events" for job_id in watched for _ in range(VIEWERS_PER_JOB)]
         context = multiprocessing.get_context("spawn")
         for share in range(CLIENT_PROCESSES):
             ours, theirs = context.Pipe()
@@ -144,8 +165,14 @@ def run_one(url: str, design: str, streams: int, flow_s: float, tmp: Path) -> Re
         per_stream = (rss_kb(gateway.pid) - base_rss) / max(opened, 1)
 
         cpu_before, flow_started = cpu_s(gateway.pid), time.monotonic()
+        for job_id in real:  # sent as upstream does; the worker makes them during the flow
+            plan = {**load_plan(), "job_id": job_id}
+            runner.client.send_task(
+                c.TASK_START, kwargs={"job_id": job_id, "plan": plan, "duration_seconds": 180}
+            )
         published = flow(publisher, jobs, flow_s)
         cpu = (cpu_s(gateway.pid) - cpu_before) / (time.monotonic() - flow_started)
+        published.update(real_events(url, real, timeout_s=60))
         time.sleep(SETTLE_S)
         for pipe in pipes:
             pipe.send("collect")
@@ -174,6 +201,7 @@ def run_one(url: str, design: str, streams: int, flow_s: float, tmp: Path) -> Re
             client.join(timeout=30)
             if client.is_alive():
                 client.kill()
+        worker.stop()
         gateway.terminate()
         try:
             gateway.wait(timeout=15)
@@ -202,6 +230,28 @@ def flow(publisher: EventPublisher, jobs: list[str], flow_s: float) -> dict[str,
         else:
             publisher.publish(job_id, FINISHED)
     return published
+
+
+def real_events(url: str, real: list[str], timeout_s: float) -> dict[str, int]:
+    """Once every real job has ended: how many events each has (its stream holds them all:
+    its start replaced the history put there for the viewers to find the job)."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            ended = 0
+            for job_id in real:
+                last = client.xrevrange(c.events_stream(job_id), count=1)
+                fields = last[0][1] if last else None
+                if fields and is_final(json.loads(str(fields["message"]))):
+                    ended += 1
+            if ended == len(real):
+                return {job_id: client.xlen(c.events_stream(job_id)) for job_id in real}
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(real) - ended} real job(s) did not end")
+            time.sleep(0.5)
+    finally:
+        client.close()
 
 
 def _quantile(ordered: list[float], q: float) -> float:
