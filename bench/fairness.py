@@ -94,20 +94,30 @@ class Stream:
     small_worst_s: float
 
 
-def stream(runner: JobRunner) -> Stream:
+def big_under_stream(
+    runner: JobRunner, *, every_s: float, for_s: float, label: str, timeout_s: float
+) -> tuple[float, list[float]]:
+    """A big job, then a small one every ``every_s`` for ``for_s``: the big job's latency and
+    the small ones'."""
     watch = JobWatch(runner.redis_url, runner.client)
     try:
         big = sized_plan(BIG // 2, BIG // 2, label="big")
         watch.send(big)
         started = time.perf_counter()
-        for i in range(round(STREAM_FOR_S / STREAM_EVERY_S)):
-            time.sleep(max(0.0, started + i * STREAM_EVERY_S - time.perf_counter()))
-            watch.send(sized_plan(SMALL // 2, SMALL // 2, label=f"stream{i}"))
-        jobs = watch.wait(timeout_s=120)
+        for i in range(round(for_s / every_s)):
+            time.sleep(max(0.0, started + i * every_s - time.perf_counter()))
+            watch.send(sized_plan(SMALL // 2, SMALL // 2, label=f"{label}{i}"))
+        jobs = watch.wait(timeout_s=timeout_s)
     finally:
         watch.close()
     big_s = jobs.pop(str(big["job_id"])).latency_s
-    small = [job.latency_s for job in jobs.values()]
+    return big_s, [job.latency_s for job in jobs.values()]
+
+
+def stream(runner: JobRunner) -> Stream:
+    big_s, small = big_under_stream(
+        runner, every_s=STREAM_EVERY_S, for_s=STREAM_FOR_S, label="stream", timeout_s=120
+    )
     return Stream(big_s, statistics.median(small), max(small))
 
 
@@ -119,19 +129,10 @@ def starved(aging_s: float) -> tuple[float, float]:
         REFERENCE_GEN_AGING_S=str(aging_s),
     ) as (runner, _):
         runner(load_plan(), timeout_s=60)
-        watch = JobWatch(runner.redis_url, runner.client)
-        try:
-            big = sized_plan(BIG // 2, BIG // 2, label="big")
-            watch.send(big)
-            started = time.perf_counter()
-            for i in range(round(STARVE_FOR_S / STARVE_EVERY_S)):
-                time.sleep(max(0.0, started + i * STARVE_EVERY_S - time.perf_counter()))
-                watch.send(sized_plan(SMALL // 2, SMALL // 2, label=f"starve{i}"))
-            jobs = watch.wait(timeout_s=300)
-        finally:
-            watch.close()
-    big_s = jobs.pop(str(big["job_id"])).latency_s
-    return big_s, statistics.median(job.latency_s for job in jobs.values())
+        big_s, small = big_under_stream(
+            runner, every_s=STARVE_EVERY_S, for_s=STARVE_FOR_S, label="starve", timeout_s=300
+        )
+    return big_s, statistics.median(small)
 
 
 def starvation() -> None:
