@@ -46,14 +46,22 @@ def test_the_installed_wheel_runs_a_job_outside_the_source_tree(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     where = subprocess.run(
-        [installed.python, "-c", "import worker, tasks, gateway; print(worker.__file__)"],
+        [
+            installed.python,
+            "-c",
+            "import worker, tasks, gateway, redis.connection as c; "
+            "print(worker.__file__); print(c.DefaultParser.__name__)",
+        ],
         cwd=elsewhere,
         capture_output=True,
         text=True,
         check=True,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
-    assert Path(where.stdout.strip()).is_relative_to(installed.venv)  # not the work tree
+    module, parser = where.stdout.split()
+    assert Path(module).is_relative_to(installed.venv)  # not the work tree
+    # The package's dependencies bring hiredis, and redis-py parses every reply with it.
+    assert parser == "_HiredisParser"
 
     plan = json.loads((ROOT / "examples" / "plans" / "typical_2x2.json").read_text())
     (elsewhere / "plan.json").write_text(json.dumps(plan))
