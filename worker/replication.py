@@ -62,6 +62,12 @@ class Replication:
         for attempt in range(_NOSCRIPT_ATTEMPTS):
             pipe = self._redis.pipeline(transaction=False)
             build(pipe)
+            if attempt == 0:
+                # The scripts are sent as they are: redis-py would otherwise ask SCRIPT EXISTS
+                # before every pipeline that holds one, a round trip more for each write on
+                # an image's path. The worker loads every script at start; one the server
+                # lacks (restarted, or a replica just promoted) is loaded by the next attempt.
+                pipe.scripts.clear()
             if wanted:
                 pipe.wait(wanted, self.timeout_ms)
             replies = pipe.execute(raise_on_error=False)
@@ -69,7 +75,7 @@ class Replication:
             failed = [reply for reply in writes if isinstance(reply, Exception)]
             missing_script = any(isinstance(e, NoScriptError) for e in failed)
             if missing_script and attempt + 1 < _NOSCRIPT_ATTEMPTS:
-                continue  # execute() loads missing scripts before it sends; send again
+                continue  # this time execute() loads the missing scripts before it sends
             if failed:
                 raise failed[0]
             if isinstance(waited, ResponseError):

@@ -67,6 +67,43 @@ def test_a_script_missing_when_the_pipeline_runs_is_loaded_and_sent_again(redis_
     assert redis_client.zscore("idx", "job-1") is not None
 
 
+def script_exists_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+
+def test_a_write_with_a_cached_script_is_one_round_trip(redis_client) -> None:
+    """redis-py asks SCRIPT EXISTS before every pipeline holding a script: a round trip more
+    on each money or outcome write. The write sends its EVALSHA straight away instead."""
+    script = register(redis_client, "note_job")
+    redis_client.script_load(script.script)
+    before = script_exists_calls(redis_client)
+    replies = Replication(redis_client).write(
+        "job_index",
+        lambda pipe: script(
+            keys=["idx", "sums"], args=["job-2", "{}", "started_at", 10, 60], client=pipe
+        ),
+    )
+    assert replies == [1]
+    assert script_exists_calls(redis_client) == before
+
+
+def test_a_script_the_server_never_had_is_loaded_by_the_second_attempt(redis_client) -> None:
+    """A restarted server, or a replica just promoted, has none of the scripts the worker
+    loaded at start."""
+    script = register(redis_client, "note_job")
+    redis_client.script_flush()
+    builds: list[int] = []
+
+    def build(pipe: Any) -> None:
+        builds.append(1)
+        script(keys=["idx", "sums"], args=["job-3", "{}", "started_at", 10, 60], client=pipe)
+
+    assert Replication(redis_client).write("job_index", build) == [1]
+    assert len(builds) == 2
+    assert redis_client.zscore("idx", "job-3") is not None
+
+
 class RefusesWait(redis.Redis):
     """A managed service that has replicas but does not offer WAIT."""
 
