@@ -40,6 +40,28 @@ class JobMeta:
 
 
 @dataclass(frozen=True)
+class JobClosing:
+    """The job as a finalize finds it."""
+
+    committed: tuple[Any] | None  # as ``JobStore.committed_result``
+    meta: JobMeta | None
+    outcomes: dict[str, ImageOutcome]
+    doomed: DoomReason | None  # also for a job cancelled before it began (no ``meta``)
+
+
+def _meta(raw: dict[Any, Any]) -> JobMeta | None:
+    if not raw or "total_images" not in raw:
+        return None
+    return JobMeta(
+        total_images=int(raw["total_images"]),
+        started_at=float(raw["started_at"]),
+        images=[ImageSpec.model_validate(i) for i in json.loads(raw.get("images", "[]"))],
+        launched=raw.get("launched") == "1",
+        doomed=_doom(raw.get("doomed")),
+    )
+
+
+@dataclass(frozen=True)
 class MadeImage:
     """An image generated and paid for, noted with its charge (before its upload), so that a
     redelivered task can tell an image that reached the store from one that did not."""
@@ -160,15 +182,21 @@ class JobStore:
         self._redis.hset(c.JobKeys(job_id).meta, "launched", "1")
 
     def meta(self, job_id: str) -> JobMeta | None:
-        raw = self._redis.hgetall(c.JobKeys(job_id).meta)
-        if not raw or "total_images" not in raw:
-            return None
-        return JobMeta(
-            total_images=int(raw["total_images"]),
-            started_at=float(raw["started_at"]),
-            images=[ImageSpec.model_validate(i) for i in json.loads(raw.get("images", "[]"))],
-            launched=raw.get("launched") == "1",
-            doomed=_doom(raw.get("doomed")),
+        return _meta(self._redis.hgetall(c.JobKeys(job_id).meta))
+
+    def closing(self, job_id: str) -> JobClosing:
+        """What a finalize reads, in one round trip: it is on the path to the final event."""
+        keys = c.JobKeys(job_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(keys.result)
+        pipe.hgetall(keys.meta)
+        pipe.hgetall(keys.images)
+        result, meta, images = pipe.execute()
+        return JobClosing(
+            committed=(json.loads(result),) if result is not None else None,
+            meta=_meta(meta),
+            outcomes={str(k): ImageOutcome.model_validate_json(v) for k, v in images.items()},
+            doomed=_doom(meta.get("doomed")),
         )
 
     def doomed(self, job_id: str) -> DoomReason | None:

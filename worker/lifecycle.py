@@ -230,10 +230,10 @@ class JobFinalizer:
         deadline, images with no outcome are marked failed; for a job that can no longer
         pass, its images still in flight are cancelled first."""
         s = self._s
-        committed = s.jobs.committed_result(job_id)
-        if committed is not None:
-            return committed[0]
-        meta = s.jobs.meta(job_id)
+        job = s.jobs.closing(job_id)
+        if job.committed is not None:
+            return job.committed[0]
+        meta = job.meta
         planned = meta.images if meta is not None else []
         if cause == "deadline":
             # Nothing paid after the job ends: what runs is cancelled and its bill charged
@@ -243,6 +243,7 @@ class JobFinalizer:
                 f"({s.settings.job_deadline_s:g} s)"
             )
             stop_spending(s, job_id, planned, skipped=reason, stopped=reason)
+            job = s.jobs.closing(job_id)  # with the outcomes stopping recorded
         elif cause in ("doomed", "cancelled") and meta is not None and meta.doomed is not None:
             stop_spending(
                 s,
@@ -251,13 +252,14 @@ class JobFinalizer:
                 skipped=skipped_reason(meta.doomed),
                 stopped=cancelled_reason(meta.doomed),
             )
+            job = s.jobs.closing(job_id)
         self._charge_lost(job_id, planned)
         outcomes = {f"{o.image_type}_{o.image_id}": o for o in reported}
-        outcomes.update(s.jobs.outcomes(job_id))  # the record wins: it is what events announced
+        outcomes.update(job.outcomes)  # the record wins: it is what events announced
         total = meta.total_images if meta is not None else len(outcomes)
         # A cancelled job ends cancelled whichever finalize commits it; one cancelled before it
         # began has no plan, only its cancellation.
-        cancelled = s.jobs.doomed(job_id) == "cancelled"
+        cancelled = job.doomed == "cancelled"
         crash_point("finalize.before_commit")
         commit = self._commit(job_id, list(outcomes.values()), total, cancelled=cancelled)
         is_new, result = s.jobs.commit(job_id, commit, DURATION_BUCKETS_S)

@@ -218,6 +218,32 @@ def test_deadline_marks_missing_images_failed_and_applies_the_rule(services, red
     assert progress == sorted(progress) and progress[-1] == 100
 
 
+def test_an_image_that_ends_while_its_overdue_job_is_stopped_is_in_the_result(
+    services, redis_client
+) -> None:
+    """A finalize reads the job in one round trip, and again once it has stopped what runs:
+    an outcome recorded meanwhile is in the committed result."""
+    job_id, _ = start_job(services, [("scene", "a"), ("character", "c")])
+    record(services, job_id, made("scene", "a"))
+    running = services.locks.try_acquire(c.JobKeys(job_id).image_lock("character_c"))
+    assert running is not None
+
+    def finish_running() -> None:  # the delivery in flight gets its image in after all
+        time.sleep(0.3)
+        record(services, job_id, made("character", "c"))
+        services.locks.release(running)
+
+    thread = threading.Thread(target=finish_running)
+    thread.start()
+    result = JobFinalizer(services).finalize(job_id, cause="deadline")
+    thread.join()
+
+    assert result is not None and result["status"] == "success"
+    assert [r["character_id"] for r in result["character_references"]] == ["c"]
+    (final,) = finals(redis_client, job_id)
+    assert final["successful_images"] == 2 and final["failed_images"] == 0
+
+
 def test_the_outcome_that_dooms_a_job_says_so(services) -> None:
     job_id, _ = start_job(
         services, [("scene", "a"), ("scene", "b"), ("character", "c"), ("character", "d")]
