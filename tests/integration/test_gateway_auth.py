@@ -115,6 +115,19 @@ def test_without_the_right_token_neither_page_nor_stream_opens(door: Door) -> No
         assert b"forest" not in body and b"stream-token" not in body
 
 
+def test_a_forged_file_link_is_a_403_whatever_its_signature_holds(door: Door) -> None:
+    """The image links need no token (their signature is the credential), so anyone can try
+    one: a signature that is not ASCII once made the gateway answer 500."""
+    job = door.jobs[0]
+    for signature in ("%C3%A9", "%FF", "%00", "%F0%9F%98%80" * 20, "0" * 64, ""):
+        reply = httpx.get(
+            f"{door.url}/files/{job}/scene_forest.png?expires=9999999999&signature={signature}"
+        )
+        assert reply.status_code == 403, (signature, reply.status_code)
+        assert reply.json() == {"detail": "the link is invalid or expired"}
+    assert "Exception" not in door.log.read_text()
+
+
 def test_the_jobs_token_opens_its_page_and_its_whole_replay(door: Door) -> None:
     job, other = door.jobs
     token = job_token(job)

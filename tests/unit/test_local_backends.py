@@ -98,3 +98,7 @@ def test_signed_urls_open_locally_and_expire(tmp_path: Path) -> None:
     )
     # Another store on the same directory (another worker) signs with the same key.
     assert LocalImageStore(tmp_path).verify("job/scene_a.png", expires, signature)
+    # A stranger's signature is a no, whatever it holds.
+    for forged in ("", "é", "\udcff", "ÿ" * 64, signature[:-1] + "é", "x" * 10_000):
+        assert not store.verify("job/scene_a.png", expires, forged)
+    assert not store.verify("job/é.png", expires, signature)

@@ -75,8 +75,10 @@ class LocalImageStore:
         return hmac.new(self._signing_key(), message, hashlib.sha256).hexdigest()
 
     def verify(self, path: str, expires: int, signature: str) -> bool:
-        """True while a link made by ``signed_url`` is unexpired and untampered."""
-        if expires < time.time():
+        """True while a link made by ``signed_url`` is unexpired and untampered. Anything
+        from a stranger's query string is a no, never an error: ``compare_digest`` raises on
+        a string that is not ASCII."""
+        if expires < time.time() or not signature.isascii():
             return False
         return hmac.compare_digest(self.sign(path, expires), signature)
 
