@@ -16,6 +16,9 @@ _TOKEN_SHAPES = re.compile(
     r"r8_[A-Za-z0-9]{8,}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"
 )
+# A signed link's signature or token is its credential: whoever reads the link can fetch the
+# image for two weeks. Celery logs every task's return value, and images' links are in them.
+_LINK_CREDENTIALS = re.compile(r"([?&](?:signature|token)=)[^&\s'\"\\]+")
 REDACTED = "[redacted]"
 
 
@@ -26,6 +29,7 @@ class Redactor:
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, REDACTED)
+        text = _LINK_CREDENTIALS.sub(rf"\1{REDACTED}", text)
         return _TOKEN_SHAPES.sub(REDACTED, text)
 
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,18 @@ def test_all_images_succeed(worker, run_job, load_plan, storage_dir) -> None:
         "character_antagonist.png",
     }
     assert all(i.format == "PNG" and i.size == (1024, 1024) for i in files.values())
-    for ref in run.result["scene_references"] + run.result["character_references"]:
-        assert ref["image_url"].startswith("file://") and "signature=" in ref["image_url"]
+    links = [r["image_url"] for r in run.result["scene_references"]]
+    links += [r["image_url"] for r in run.result["character_references"]]
+    assert all(link.startswith("file://") and "signature=" in link for link in links)
+
+    # Celery logs every task's return value: the links' signatures (their credentials) are
+    # redacted from those lines, the last of which is the chord's finalize.
+    done = f"reference_generator.finalize[{plan['job_id']}] succeeded"
+    deadline = time.monotonic() + 30
+    while done not in (log := worker.log_path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert done in log and "signature=[redacted]" in log
+    assert not any(link.split("signature=")[1] in log for link in links)
 
 
 def test_one_of_four_fails_after_its_retry_partial(worker, run_job, load_plan, storage_dir) -> None:

@@ -1,4 +1,4 @@
-"""Log lines for expected conditions carry no traceback."""
+"""Log lines for expected conditions carry no traceback, and no line carries a credential."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from worker.logging import configure_logging
+from worker.logging import REDACTED, RedactingFilter, Redactor, configure_logging
 from worker.settings import Settings
 
 
@@ -42,3 +42,19 @@ def test_celerys_retried_result_writes_are_one_line(kept: Kept) -> None:
     assert retried.exc_info is None and not retried.exc_text
     # An unexpected error keeps its traceback (redaction may have rendered it to exc_text).
     assert other.exc_info is not None or "Traceback" in (other.exc_text or "")
+
+
+def test_a_signed_links_credential_is_redacted_from_any_line_and_its_path_kept() -> None:
+    """Celery logs each task's return value, and the images' links are in it: a link's
+    signature (the local store) or token (Supabase) lets whoever reads the log fetch the
+    image for two weeks."""
+    local = "http://localhost:8000/files/j/scene_a.png?expires=1797507861&signature=9f86d081"
+    supabase = "https://x.supabase.co/storage/v1/object/sign/b/j/scene_a.png?token=abc.def-ghi"
+    result = {"image_url": local, "other": supabase}
+    line = f"Task generate_reference[j:scene_a] succeeded in 2.01s: {result}"
+    record = logging.LogRecord("celery.app.trace", logging.INFO, __file__, 1, line, None, None)
+    RedactingFilter(Redactor([])).filter(record)
+    message = record.getMessage()
+    assert "9f86d081" not in message and "abc.def-ghi" not in message
+    assert f"j/scene_a.png?expires=1797507861&signature={REDACTED}'" in message
+    assert f"j/scene_a.png?token={REDACTED}'" in message
