@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from gateway.auth import mint
 from tasks.harness import JobRunner, base_worker_env, stop_process_group
 from tasks.localredis import RedisServer, free_port
 
@@ -203,8 +204,11 @@ BACKEND_SETTINGS = {
     "GENERATOR_BACKEND",
     "STORAGE_BACKEND",
 }
-# What compose requires of every host: Redis's password (REDIS_PASSWORD, `:?`).
-REQUIRED = {"REDIS_PASSWORD": "test-only-redis-password"}
+# What compose requires of every host (`:?`): Redis's password and the gateway's token secret.
+REQUIRED = {
+    "REDIS_PASSWORD": "test-only-redis-password",
+    "GATEWAY_JWT_SECRET": "test-only-gateway-secret-0123456789abcdef",
+}
 HOST_SECRETS = {
     **REQUIRED,
     "REPLICATE_API_TOKEN": "r8_made_up_for_this_test_0123456789",
@@ -233,7 +237,8 @@ def test_the_backends_and_their_secrets_go_to_the_worker_alone() -> None:
     hold the service-role key, even when the host has every secret set."""
     assert set(environment("worker")) >= BACKEND_SETTINGS
     worker = container_env("worker", HOST_SECRETS)
-    assert {k: worker[k] for k in HOST_SECRETS} == HOST_SECRETS
+    theirs = {k: v for k, v in HOST_SECRETS.items() if k != "GATEWAY_JWT_SECRET"}
+    assert {k: worker[k] for k in theirs} == theirs
     for name in sorted(set(APP_SERVICES) - {"worker"}):
         env = container_env(name, HOST_SECRETS)
         assert not BACKEND_SETTINGS & set(env), name
@@ -278,6 +283,17 @@ def test_redis_has_a_password_that_every_service_uses() -> None:
     assert container_env("redis", REQUIRED)["REDISCLI_AUTH"] == REQUIRED["REDIS_PASSWORD"]
     for name in APP_SERVICES:
         assert container_env(name, REQUIRED)["REDIS_PASSWORD"] == REQUIRED["REDIS_PASSWORD"]
+
+
+def test_the_gateway_needs_its_token_secret_and_alone_holds_it() -> None:
+    """Compose's gateway served every job to whoever reached its port while ENVIRONMENT was
+    left at development (the default): compose now refuses to start without the secret."""
+    with pytest.raises(ValueError, match="GATEWAY_JWT_SECRET"):
+        container_env("gateway", {"REDIS_PASSWORD": REQUIRED["REDIS_PASSWORD"]})
+    secret = REQUIRED["GATEWAY_JWT_SECRET"]
+    assert container_env("gateway", REQUIRED)["GATEWAY_JWT_SECRET"] == secret
+    for name in sorted(SERVICES - {"gateway"}):
+        assert secret not in container_env(name, REQUIRED).values(), name
 
 
 def test_flower_asks_for_basic_auth_and_never_opens_its_api() -> None:
@@ -483,10 +499,12 @@ def wait_healthy(stack: Stack, name: str, timeout_s: float = 90) -> None:
     pytest.fail(f"{name} never turned healthy: {last}\n{detail}")
 
 
-def fetch(url: str, auth: str | None = None) -> tuple[int, bytes]:
+def fetch(url: str, auth: str | None = None, token: str | None = None) -> tuple[int, bytes]:
     request = urllib.request.Request(url)
     if auth is not None:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=10) as reply:
             return reply.status, reply.read()
@@ -513,7 +531,13 @@ def test_the_stack_runs_as_composed(stack: Stack, load_plan) -> None:
         status, body = fetch(url)
         assert status == 200 and body.startswith(b"\x89PNG\r\n\x1a\n"), (status, body[:200])
 
-    status, page = fetch(f"{gateway}/jobs/{plan['job_id']}")
+    # The job's page with its token (signed with the secret compose required), none without.
+    page_url = f"{gateway}/jobs/{plan['job_id']}"
+    assert fetch(page_url)[0] == 401
+    token = mint(
+        REQUIRED["GATEWAY_JWT_SECRET"], job_id=plan["job_id"], expires=int(time.time()) + 60
+    )
+    status, page = fetch(page_url, token=token)
     assert status == 200 and plan["job_id"].encode() in page
     status, body = fetch(f"{gateway}/healthz")
     assert (status, json.loads(body)) == (200, {"ok": True})
