@@ -199,7 +199,10 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
 
         check_worker_can_run(settings)
 
+        # JSON lines only: Celery's banner is printed, not logged.
+        quiet = ["--quiet"] if settings.log_format == "json" else []
         argv = [
+            *quiet,
             "worker",
             "--queues",
             ",".join(settings.reference_gen_queues),
@@ -212,7 +215,8 @@ def _dispatch(args: argparse.Namespace, celery_args: list[str]) -> int:
     if args.command == "beat":
         from tasks.app import app
 
-        app.start(["beat", "--loglevel", settings.log_level, *celery_args])
+        quiet = ["--quiet"] if settings.log_format == "json" else []
+        app.start([*quiet, "beat", "--loglevel", settings.log_level, *celery_args])
         return 0
     if args.command == "flower":
         from tasks.flower import run_flower

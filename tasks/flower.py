@@ -14,10 +14,13 @@ own ``/metrics`` to anyone; here it asks for the same credentials as every other
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 from tasks import exit_codes
 from worker.errors import ConfigurationError
+from worker.logging import configure_logging
 from worker.settings import Settings
 
 # Tornado's names for them once dashes are stripped and ``_`` read as ``-``.
@@ -69,8 +72,20 @@ def run_flower(settings: Settings, flower_args: list[str]) -> int:
     _metrics_behind_credentials()
     # Flower reads FLOWER_BASIC_AUTH from the environment itself: the value just checked. No
     # config file may replace it.
-    app.start(["flower", *flower_args, f"--conf={os.devnull}"])
+    app.start(["flower", *flower_args, *_json_logging(settings), f"--conf={os.devnull}"])
     return exit_codes.RESULT
+
+
+def _json_logging(settings: Settings) -> list[str]:
+    """With ``LOG_FORMAT=json``, Flower's lines are JSON like every other process's: tornado
+    is told to leave logging alone (its own format is not JSON), and ours is set up."""
+    if settings.log_format != "json":
+        return []
+    root = logging.getLogger()
+    root.addHandler(logging.StreamHandler(sys.stderr))
+    root.setLevel(settings.log_level.upper())
+    configure_logging(settings)
+    return ["--logging=none"]
 
 
 def _metrics_behind_credentials() -> None:

@@ -3,9 +3,12 @@ from every line whoever wrote it."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import re
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 import structlog
 
@@ -67,6 +70,30 @@ class WithoutTraceback(logging.Filter):
         return True
 
 
+class JsonLines(logging.Formatter):
+    """``LOG_FORMAT=json``: one JSON object per line, whoever logged. Our lines are JSON already
+    (structlog rendered them) and pass as they are; a library's (Celery's own lines, its
+    task lines, kombu's) become an object with the same keys as ours."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if message.startswith("{") and record.exc_info is None:
+            with contextlib.suppress(ValueError):
+                if isinstance(json.loads(message), dict):
+                    return message
+        line = {
+            "event": message,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exception"] = record.exc_text
+        return json.dumps(line)
+
+
 def renderer(settings: Settings) -> structlog.typing.Processor:
     """How a line is written: JSON for log shippers, key=value for people."""
     if settings.log_format == "json":
@@ -95,6 +122,12 @@ def configure_logging(settings: Settings) -> None:
     if not any(isinstance(f, WithoutTraceback) for f in retries.filters):
         retries.addFilter(WithoutTraceback("Failed operation"))
     install_redaction(settings)
+    if settings.log_format == "json":
+        # Celery's handlers prefix each line with its own format (`[date: INFO/MainProcess]`),
+        # which a log shipper cannot parse; its task logger has handlers of its own.
+        for logger in (logging.getLogger(), logging.getLogger("celery.task")):
+            for handler in logger.handlers:
+                handler.setFormatter(JsonLines())
 
 
 def install_redaction(settings: Settings, loggers: Iterable[logging.Logger] = ()) -> None:

@@ -373,4 +373,8 @@ def test_refgen_flower_lets_nobody_in_without_the_password(start_flower, tmp_pat
     status, body = flower.get("/metrics", auth="ops:test-only-pw")
     assert status == 200 and b"flower_" in body
     assert flower.get("/healthcheck") == (200, b"OK")
-    assert "test-only-pw" not in flower.log_path.read_text()
+    log = flower.log_path.read_text()
+    assert "test-only-pw" not in log
+    # LOG_FORMAT=json (the harness's), as for every other process: one JSON object a line.
+    lines = [json.loads(line) for line in log.splitlines()]
+    assert any(line["logger"] == "flower.command" for line in lines)

@@ -93,6 +93,11 @@ def test_all_images_succeed(worker, run_job, load_plan, storage_dir) -> None:
         time.sleep(0.1)
     assert done in log and "signature=[redacted]" in log
     assert not any(link.split("signature=")[1] in log for link in links)
+    # LOG_FORMAT=json (the harness's): every line is one JSON object, Celery's own among them
+    # (before logging starts, Python may warn in plain text that the tests run as root).
+    lines = log[log.index("\n{") + 1 :].splitlines()
+    assert all(isinstance(json.loads(line), dict) for line in lines)
+    assert any(json.loads(line).get("logger") == "celery.app.trace" for line in lines)
 
 
 def test_one_of_four_fails_after_its_retry_partial(worker, run_job, load_plan, storage_dir) -> None:
