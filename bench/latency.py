@@ -158,7 +158,7 @@ def cpu_ns(pid: int) -> int:
     about 2 ms a second here."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # a thread that has just ended
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread just ended
             total += int((task / "schedstat").read_text().split()[0])
     return total
 

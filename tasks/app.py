@@ -12,6 +12,7 @@ import structlog
 from celery import Celery
 from celery.signals import (
     after_setup_logger,
+    after_setup_task_logger,
     before_task_publish,
     worker_init,
     worker_process_init,
@@ -21,7 +22,7 @@ from tasks import exit_codes
 from worker import constants as c
 from worker import scripts
 from worker.errors import ConfigurationError, RefgenError
-from worker.logging import configure_logging
+from worker.logging import configure_logging, format_as_json, install_redaction
 from worker.services import Services
 from worker.settings import Settings, get_settings
 
@@ -105,3 +106,11 @@ def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
 @after_setup_logger.connect
 def _setup_logging(logger: logging.Logger, **_: Any) -> None:
     configure_logging(get_settings())
+
+
+@after_setup_task_logger.connect
+def _setup_task_logging(logger: logging.Logger, **_: Any) -> None:
+    # Celery sets its task loggers up after the root's, with handlers of their own.
+    settings = get_settings()
+    install_redaction(settings, [logger])
+    format_as_json(settings)

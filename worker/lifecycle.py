@@ -258,8 +258,9 @@ class JobFinalizer:
         outcomes.update(job.outcomes)  # the record wins: it is what events announced
         total = meta.total_images if meta is not None else len(outcomes)
         # A cancelled job ends cancelled whichever finalize commits it; one cancelled before it
-        # began has no plan, only its cancellation.
-        cancelled = job.doomed == "cancelled"
+        # began has no plan, only its cancellation. Read again, last: a search for lost
+        # predictions (above) can take seconds, and a cancel may land meanwhile.
+        cancelled = s.jobs.doomed(job_id) == "cancelled"
         crash_point("finalize.before_commit")
         commit = self._commit(job_id, list(outcomes.values()), total, cancelled=cancelled)
         is_new, result = s.jobs.commit(job_id, commit, DURATION_BUCKETS_S)

@@ -21,7 +21,7 @@ _TOKEN_SHAPES = re.compile(
 )
 # A signed link's signature or token is its credential: whoever reads the link can fetch the
 # image for two weeks. Celery logs every task's return value, and images' links are in them.
-_LINK_CREDENTIALS = re.compile(r"([?&](?:signature|token)=)[^&\s'\"\\]+")
+_LINK_CREDENTIALS = re.compile(r"(?i)([?&](?:signature|token)=)[^&\s'\"\\]+")
 REDACTED = "[redacted]"
 
 
@@ -77,20 +77,29 @@ class JsonLines(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        if message.startswith("{") and record.exc_info is None:
+        # The redaction filter has rendered a traceback to exc_text by now (and dropped
+        # exc_info); a handler without it may still hold exc_info.
+        exception = record.exc_text or (
+            self.formatException(record.exc_info) if record.exc_info else None
+        )
+        if message.startswith("{"):
             with contextlib.suppress(ValueError):
-                if isinstance(json.loads(message), dict):
-                    return message
+                ours = json.loads(message)
+                if isinstance(ours, dict):
+                    if exception is None:
+                        return message
+                    return json.dumps({**ours, "exception": exception})
         line = {
             "event": message,
             "level": record.levelname.lower(),
             "logger": record.name,
-            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            # As structlog's TimeStamper(fmt="iso", utc=True) writes ours.
+            "timestamp": datetime.fromtimestamp(record.created, UTC)
+            .isoformat()
+            .replace("+00:00", "Z"),
         }
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        elif record.exc_text:
-            line["exception"] = record.exc_text
+        if exception is not None:
+            line["exception"] = exception
         return json.dumps(line)
 
 
@@ -121,13 +130,24 @@ def configure_logging(settings: Settings) -> None:
     retries = logging.getLogger("celery.backends.base")
     if not any(isinstance(f, WithoutTraceback) for f in retries.filters):
         retries.addFilter(WithoutTraceback("Failed operation"))
-    install_redaction(settings)
-    if settings.log_format == "json":
-        # Celery's handlers prefix each line with its own format (`[date: INFO/MainProcess]`),
-        # which a log shipper cannot parse; its task logger has handlers of its own.
-        for logger in (logging.getLogger(), logging.getLogger("celery.task")):
-            for handler in logger.handlers:
-                handler.setFormatter(JsonLines())
+    install_redaction(settings, map(logging.getLogger, OWN_HANDLERS))
+    format_as_json(settings)
+
+
+# Loggers that Celery gives handlers of their own, which do not propagate to the root's: its
+# task loggers' (set up after the root's, ``after_setup_task_logger``) and billiard's (prefork).
+OWN_HANDLERS = ("celery.task", "multiprocessing")
+
+
+def format_as_json(settings: Settings) -> None:
+    """With ``LOG_FORMAT=json``, every handler Celery set up writes JSON lines: its formatter
+    prefixes each line with its own format (``[date: INFO/MainProcess]``), which a log shipper
+    cannot parse."""
+    if settings.log_format != "json":
+        return
+    for logger in (logging.getLogger(), *map(logging.getLogger, OWN_HANDLERS)):
+        for handler in logger.handlers:
+            handler.setFormatter(JsonLines())
 
 
 def install_redaction(settings: Settings, loggers: Iterable[logging.Logger] = ()) -> None:

@@ -97,6 +97,7 @@ def test_all_images_succeed(worker, run_job, load_plan, storage_dir) -> None:
     # (before logging starts, Python may warn in plain text that the tests run as root).
     lines = log[log.index("\n{") + 1 :].splitlines()
     assert all(isinstance(json.loads(line), dict) for line in lines)
+    assert "[tasks]" not in log and "[config]" not in log  # no banner
     assert any(json.loads(line).get("logger") == "celery.app.trace" for line in lines)
 
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
-from worker.logging import REDACTED, RedactingFilter, Redactor, configure_logging
+from worker.logging import (
+    OWN_HANDLERS,
+    REDACTED,
+    JsonLines,
+    RedactingFilter,
+    Redactor,
+    configure_logging,
+    format_as_json,
+)
 from worker.settings import Settings
 
 
@@ -58,3 +67,30 @@ def test_a_signed_links_credential_is_redacted_from_any_line_and_its_path_kept()
     assert "9f86d081" not in message and "abc.def-ghi" not in message
     assert f"j/scene_a.png?expires=1797507861&signature={REDACTED}'" in message
     assert f"j/scene_a.png?token={REDACTED}'" in message
+
+
+def test_json_lines_are_one_object_each_whoever_logged() -> None:
+    """LOG_FORMAT=json: our structlog lines pass as they are, with a traceback the redaction
+    filter rendered kept beside them; a library's lines get our keys."""
+    ours = logging.LogRecord("worker", logging.ERROR, __file__, 1, '{"event": "x"}', None, None)
+    assert JsonLines().format(ours) == '{"event": "x"}'
+    ours.exc_text = "Traceback (most recent call last): ..."
+    assert json.loads(JsonLines().format(ours)) == {"event": "x", "exception": ours.exc_text}
+    celerys = logging.LogRecord(
+        "celery.app.trace", logging.INFO, __file__, 1, "Task %s", ("t",), None
+    )
+    line = json.loads(JsonLines().format(celerys))
+    assert line["event"] == "Task t" and line["level"] == "info"
+    assert line["logger"] == "celery.app.trace" and line["timestamp"].endswith("Z")
+
+
+def test_json_format_reaches_the_loggers_celery_gives_handlers_of_their_own() -> None:
+    handlers = {name: logging.StreamHandler() for name in OWN_HANDLERS}
+    for name, handler in handlers.items():
+        logging.getLogger(name).addHandler(handler)
+    try:
+        format_as_json(Settings(log_format="json"))
+        assert all(isinstance(h.formatter, JsonLines) for h in handlers.values())
+    finally:
+        for name, handler in handlers.items():
+            logging.getLogger(name).removeHandler(handler)
