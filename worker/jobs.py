@@ -46,7 +46,6 @@ class JobClosing:
     committed: tuple[Any] | None  # as ``JobStore.committed_result``
     meta: JobMeta | None
     outcomes: dict[str, ImageOutcome]
-    doomed: DoomReason | None  # also for a job cancelled before it began (no ``meta``)
 
 
 def _meta(raw: dict[Any, Any]) -> JobMeta | None:
@@ -196,7 +195,6 @@ class JobStore:
             committed=(json.loads(result),) if result is not None else None,
             meta=_meta(meta),
             outcomes={str(k): ImageOutcome.model_validate_json(v) for k, v in images.items()},
-            doomed=_doom(meta.get("doomed")),
         )
 
     def doomed(self, job_id: str) -> DoomReason | None:
