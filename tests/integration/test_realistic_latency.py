@@ -214,12 +214,14 @@ def test_the_page_never_shows_reconnecting_through_a_realistic_job(slow, load_pl
     from playwright.sync_api import sync_playwright
 
     plan = load_plan("minimal_1x1")
-    thread, _ = start(slow, plan)
     with sync_playwright() as p:
+        # The browser is up before the job is sent: on a loaded machine its start took longer
+        # than the job's 9 s images, and the page first showed the job already ended.
         browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.add_init_script(RECORD_STATUS)
+            thread, _ = start(slow, plan)
             page.goto(f"{slow.url}/jobs/{plan['job_id']}")
             status = page.locator("[data-testid=status]")
             seen: list[str] = []
