@@ -101,7 +101,8 @@ def resend(payload: dict[str, Any]) -> None:
 
 
 def rescue_orphans() -> None:
-    """Our messages that a worker took from the broker and died holding before it leased them:
+    """Our messages that a worker took from the broker and died holding before it leased them
+    (or while the lease was still a retry's hand-over):
     kombu keeps each in its unacked set until the visibility timeout (10 minutes). One seen
     there with no lease for two lease lifetimes is put back on its queue now (a live worker
     leases a message within milliseconds of taking it). The time is counted on the Redis clock
@@ -122,7 +123,11 @@ def rescue_orphans() -> None:
             message, _, _ = json.loads(raw)
             headers = message.get("headers") or {}
             task_id, task = headers.get("id"), headers.get("task")
-            if task in _OUR_TASKS and task_id and not s.leases.held(task_id):
+            # A retry's hand-over covers the retry while it waits on the broker; once a worker
+            # has taken it (it is in the unacked set), that worker leases it within
+            # milliseconds, unless it died in between: then only its rescue brings it back
+            # before the hand-over's long lease (the queue's grace, minutes) expires.
+            if task in _OUR_TASKS and task_id and not s.leases.in_delivery(task_id):
                 unleased[tag] = (task_id, task)
         for tag in OrphanClock(s.client).due(list(unleased), hold_s=2 * s.leases.ttl_s):
             qos.restore_by_tag(tag, client)
@@ -162,7 +167,7 @@ def hand_to_retry(task: Task, retry: dict[str, Any], delay_s: float) -> str:
     s = services()
     s.holdings.drop_lease(task.request.id, _token_of(task))
     task.request.refgen_lease_token = None
-    return s.leases.take(task.request.id, retry, extra_s=delay_s)
+    return s.leases.take(task.request.id, retry, extra_s=delay_s, queued=True)
 
 
 def retry_sent(task_id: str, token: str, delay_s: float) -> None:

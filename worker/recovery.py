@@ -58,6 +58,10 @@ from worker.scripts import register
 log = structlog.get_logger(__name__)
 
 
+# The token of a lease held by a message on the broker (a retry's hand-over), not a delivery.
+QUEUED_HOLDER = "queued-"
+
+
 @dataclass(frozen=True)
 class Claim:
     task_id: str
@@ -80,9 +84,13 @@ class Leases:
         self._extend = register(client, "lease_extend")
         self._claim = register(client, "lease_claim")
 
-    def take(self, task_id: str, payload: dict[str, Any], *, extra_s: float = 0.0) -> str:
-        """Take (or take over) a task's lease for a new holder; returns the holder's token."""
-        token = uuid.uuid4().hex
+    def take(
+        self, task_id: str, payload: dict[str, Any], *, extra_s: float = 0.0, queued: bool = False
+    ) -> str:
+        """Take (or take over) a task's lease for a new holder; returns the holder's token.
+        ``queued``: the holder is a message on the broker (a retry handed its lease), not a
+        delivery; its token says so (``in_delivery``)."""
+        token = (QUEUED_HOLDER if queued else "") + uuid.uuid4().hex
         self._hold(
             keys=self._keys, args=[task_id, token, json.dumps(payload), self.ttl_s + extra_s]
         )
@@ -117,6 +125,12 @@ class Leases:
     def held(self, task_id: str) -> bool:
         """True while some delivery (or a claim, or a retry's hand-over) holds the lease."""
         return bool(self._redis.hexists(c.LEASE_RECORDS, task_id))
+
+    def in_delivery(self, task_id: str) -> bool:
+        """True while a delivery holds the lease: not nobody, and not a message on the broker
+        (a retry's hand-over), whose lease stops covering it once a worker has taken it."""
+        record = self._redis.hget(c.LEASE_RECORDS, task_id)
+        return record is not None and not str(record).startswith(QUEUED_HOLDER)
 
 
 class Deadlines:

@@ -93,6 +93,19 @@ def test_a_lease_belongs_to_one_delivery(redis_client) -> None:
     assert leases.expiry("task-1") is None
 
 
+def test_a_retrys_hand_over_is_held_but_not_by_a_delivery(redis_client) -> None:
+    """The orphan rescue restores an unacked message whose lease no delivery holds: a retry
+    taken from the broker by a worker that died before leasing it still had its hand-over's
+    lease (minutes long), and waited for it to expire."""
+    leases = Leases(redis_client, ttl_s=5)
+    task = f"t-{uuid.uuid4().hex}"
+    assert not leases.held(task) and not leases.in_delivery(task)
+    leases.take(task, {"task": "x"}, extra_s=2, queued=True)
+    assert leases.held(task) and not leases.in_delivery(task)
+    leases.take(task, {"task": "x"})  # a worker received the retry: its delivery takes over
+    assert leases.held(task) and leases.in_delivery(task)
+
+
 def test_renewal_keeps_a_lease_alive(redis_client) -> None:
     leases = Leases(redis_client, ttl_s=30)
     token = leases.take("task-1", {"task": "x"})
