@@ -48,6 +48,10 @@ class JobClosing:
     outcomes: dict[str, ImageOutcome]
 
 
+def _outcomes(raw: dict[Any, Any]) -> dict[str, ImageOutcome]:
+    return {str(k): ImageOutcome.model_validate_json(v) for k, v in raw.items()}
+
+
 def _meta(raw: dict[Any, Any]) -> JobMeta | None:
     if not raw or "total_images" not in raw:
         return None
@@ -194,7 +198,7 @@ class JobStore:
         return JobClosing(
             committed=(json.loads(result),) if result is not None else None,
             meta=_meta(meta),
-            outcomes={str(k): ImageOutcome.model_validate_json(v) for k, v in images.items()},
+            outcomes=_outcomes(images),
         )
 
     def doomed(self, job_id: str) -> DoomReason | None:
@@ -257,8 +261,7 @@ class JobStore:
         )
 
     def outcomes(self, job_id: str) -> dict[str, ImageOutcome]:
-        raw = self._redis.hgetall(c.JobKeys(job_id).images)
-        return {str(k): ImageOutcome.model_validate_json(v) for k, v in raw.items()}
+        return _outcomes(self._redis.hgetall(c.JobKeys(job_id).images))
 
     def committed_result(self, job_id: str) -> tuple[Any] | None:
         """``(result,)`` once the job's result is committed (``result`` may be None: text-only),
