@@ -15,8 +15,10 @@ import io
 import time
 from decimal import Decimal
 
+import redis
 import structlog
 from PIL import Image
+from redis.lock import Lock
 
 from worker import scripts
 from worker.events import ImageCompleted, Progress, encode
@@ -44,8 +46,13 @@ def warm(services: Services, connections: int) -> float:
 def _redis(services: Services, connections: int) -> None:
     # As many connections as tasks that can run at once, plus the lease keeper's and one for
     # the events, open before the first of them is needed.
-    pool = services.client.connection_pool
-    held = [pool.get_connection() for _ in range(connections + 2)]
+    open_connections(services.client, connections + 2)
+
+
+def open_connections(client: redis.Redis, count: int) -> None:
+    """Leave ``count`` connections open in ``client``'s pool, ready for threads at once."""
+    pool = client.connection_pool
+    held = [pool.get_connection() for _ in range(count)]
     try:
         for connection in held:
             connection.connect()  # type: ignore[no-untyped-call]
@@ -55,10 +62,14 @@ def _redis(services: Services, connections: int) -> None:
 
 
 def _scripts(services: Services, _: int) -> None:
-    # In the server's script cache, so the first EVALSHA of each is answered, not refused.
+    # In the server's script cache, so the first EVALSHA of each is answered, not refused:
+    # ours, and redis-py's image locks' (an image's lock is released between its outcome and
+    # the job's end, so a refused release was two round trips more on the first job's path).
     pipe = services.client.pipeline(transaction=False)
     for name in scripts.NAMES:
         pipe.script_load(scripts.source(name))
+    for source in (Lock.LUA_RELEASE_SCRIPT, Lock.LUA_REACQUIRE_SCRIPT, Lock.LUA_EXTEND_SCRIPT):
+        pipe.script_load(source)
     pipe.execute()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 from kombu import Connection
+from redis.lock import Lock
 
 from tasks.transport import Transport
 from worker import scripts
@@ -33,7 +34,9 @@ def test_warm_opens_the_slots_connections_and_caches_every_script(services: Serv
     warm(services, connections=4)
     pool = services.client.connection_pool
     assert len(pool._available_connections) >= 6  # 4 slots, the lease keeper, the events
-    shas = [hashlib.sha1(scripts.source(n).encode()).hexdigest() for n in scripts.NAMES]
+    sources = [scripts.source(n) for n in scripts.NAMES]
+    sources += [Lock.LUA_RELEASE_SCRIPT, Lock.LUA_REACQUIRE_SCRIPT]  # the image locks' own
+    shas = [hashlib.sha1(source.encode()).hexdigest() for source in sources]
     assert all(services.client.script_exists(*shas))
 
 
