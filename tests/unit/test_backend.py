@@ -14,6 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from celery import Celery, chord, group, states
@@ -127,6 +128,23 @@ def test_any_other_failure_still_fails_the_chord(app: Celery, redis_client) -> N
     assert meta["status"] == states.FAILURE
     assert isinstance(meta["result"], ChordError)
     assert redis_client.llen(app.conf.task_default_queue) == 0  # no callback was sent
+
+
+def test_a_chord_sets_its_size_in_one_round_trip(app: Celery, redis_client) -> None:
+    backend = app.backend
+    group_id = f"{uuid.uuid4()}:images"
+    done, size = (
+        backend.get_key_for_group(group_id, ".c"),
+        backend.get_key_for_group(group_id, ".s"),
+    )
+    redis_client.set(done, "done")  # left by an earlier run of the same chord
+    pool = backend.client.connection_pool
+    with patch.object(pool, "get_connection", wraps=pool.get_connection) as taken:
+        backend.set_chord_size(group_id, 4)
+    assert taken.call_count == 1
+    assert redis_client.get(done) is None  # a new run: its parts are not late duplicates
+    assert redis_client.get(size) == "4"
+    assert 0 < redis_client.ttl(size) <= backend.chord_expires
 
 
 def test_the_exception_shows_its_reason_not_its_outcome() -> None:
