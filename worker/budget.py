@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
+from typing import Any
 
 import redis
 
@@ -57,9 +58,11 @@ class CostLedger:
         keys = c.JobKeys(job_id)
         return [keys.ledger, keys.reservations, keys.charges]
 
-    def open(self, job_id: str, limit: Decimal | None) -> None:
+    def open(self, job_id: str, limit: Decimal | None) -> LedgerTotals:
         """Set the job's limit. A job refused for its budget can be sent again, corrected,
-        under the same id: the limit is the latest admitted start's."""
+        under the same id: the limit is the latest admitted start's. Returns the totals as
+        the same step left them, for the pre-flight: ``start`` sends the job's images only
+        after both, so they take one round trip, not two."""
         ledger = c.JobKeys(job_id).ledger
         pipe = self._redis.pipeline()
         pipe.hsetnx(ledger, "spent", 0)
@@ -69,20 +72,16 @@ class CostLedger:
         else:
             pipe.hdel(ledger, "limit")
         pipe.expire(ledger, self._ttl)
-        pipe.execute()
+        pipe.hgetall(ledger)
+        return _totals(pipe.execute()[-1])
 
     def totals(self, job_id: str) -> LedgerTotals:
-        raw = self._redis.hgetall(c.JobKeys(job_id).ledger)
-        limit = raw.get("limit")
-        return LedgerTotals(
-            limit=from_nano(int(limit)) if limit is not None else None,
-            spent=from_nano(int(raw.get("spent", 0))),
-            reserved=from_nano(int(raw.get("reserved", 0))),
-        )
+        return _totals(self._redis.hgetall(c.JobKeys(job_id).ledger))
 
-    def preflight(self, job_id: str, estimate: Decimal) -> None:
-        """Refuse the whole job when its spend plus the estimate exceeds the limit."""
-        totals = self.totals(job_id)
+    def preflight(self, job_id: str, estimate: Decimal, totals: LedgerTotals | None = None) -> None:
+        """Refuse the whole job when its spend plus the estimate exceeds the limit
+        (``totals``: as ``open`` returned them; read here otherwise)."""
+        totals = totals or self.totals(job_id)
         if totals.limit is not None and totals.spent + estimate > totals.limit:
             raise BudgetExceededError(
                 f"Budget exceeded: this job is estimated at ${money(estimate)} but its "
@@ -135,3 +134,12 @@ class CostLedger:
         for field, value in self._redis.hgetall(c.JobKeys(job_id).charges).items():
             nano[str(field).split("|", 1)[0]] += int(value)
         return {image: from_nano(amount) for image, amount in nano.items()}
+
+
+def _totals(raw: dict[Any, Any]) -> LedgerTotals:
+    limit = raw.get("limit")
+    return LedgerTotals(
+        limit=from_nano(int(limit)) if limit is not None else None,
+        spent=from_nano(int(raw.get("spent", 0))),
+        reserved=from_nano(int(raw.get("reserved", 0))),
+    )

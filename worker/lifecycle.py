@@ -121,9 +121,9 @@ class JobIntake:
                 max_images=s.settings.max_images_per_job,
                 per_minute=s.settings.budget_per_video_minute,
             )
-            s.ledger.open(key, job_plan.budget_limit)
+            opened = s.ledger.open(key, job_plan.budget_limit)
             crash_point("start.after_ledger_open")
-            s.ledger.preflight(key, estimate_cost(len(job_plan.images)))
+            s.ledger.preflight(key, estimate_cost(len(job_plan.images)), opened)
         except InvalidPlanError as exc:
             return self._refuse(key, task_id, exc, details=exc.details)
         except BudgetExceededError as exc:

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from worker.budget import CostLedger, from_nano, to_nano
+from worker.budget import CostLedger, LedgerTotals, from_nano, to_nano
 from worker.errors import BudgetExceededError
 
 
@@ -34,6 +34,16 @@ def test_preflight_refuses_over_the_limit(ledger: CostLedger, job_id: str) -> No
     with pytest.raises(BudgetExceededError) as info:
         ledger.preflight(job_id, Decimal("0.024"))
     assert info.value.limit == "0.02" and info.value.requested == "0.024"
+
+
+def test_open_returns_the_totals_it_left_for_the_preflight(ledger: CostLedger, job_id: str) -> None:
+    ledger.open(job_id, Decimal("0.02"))
+    ledger.charge(job_id, "scene_0", "p1", Decimal("0.01"))
+    opened = ledger.open(job_id, Decimal("0.015"))  # the job sent again, with a new limit
+    assert opened == LedgerTotals(limit=Decimal("0.015"), spent=Decimal("0.01"), reserved=0)
+    ledger.preflight(job_id, Decimal("0.005"), opened)
+    with pytest.raises(BudgetExceededError):
+        ledger.preflight(job_id, Decimal("0.006"), opened)
 
 
 def test_no_limit_without_duration(ledger: CostLedger, job_id: str) -> None:
