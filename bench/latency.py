@@ -6,9 +6,11 @@ moment it is sent to the moment its final event reaches a subscriber, ÷ the ide
   time.
 
 Each path runs on a freshly started worker, untraced and then traced (OTLP/HTTP to a receiver
-this script runs), ``ROUNDS`` jobs each, the first job after the start included; the figure is
-their median. The traced jobs give each stage's share of a job, from their spans, along the
-critical path: the image whose outcome was recorded last.
+this script runs), ``ROUNDS`` jobs each, one at a time (each sent half a second after the one
+before ended), the first job after the start included; the figure is their median. The traced
+jobs give each stage's share of a job, from their spans, along the critical path: the image
+whose outcome was recorded last. Each path runs once more, untraced, on the prefork pool, for
+comparison with the default thread pool.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from worker.storage.local import LocalImageStore
 LATENCY_S = 2.0
 ROUNDS = int(os.environ.get("BENCH_LATENCY_ROUNDS", "3"))
 TARGET = 1.02
+IDLE_BETWEEN_JOBS_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -135,11 +138,18 @@ def replicate_env() -> Iterator[dict[str, str]]:
         }
 
 
-def run_path(path: str, traced: bool, receiver: OtlpReceiver) -> tuple[list[Job], float]:
-    """The jobs, and the worker's CPU time per job in milliseconds."""
+def run_path(
+    path: str, traced: bool, receiver: OtlpReceiver, pool: str = "threads"
+) -> tuple[list[Job], float]:
+    """The jobs, and the worker's CPU time per job in milliseconds (its pool processes' not
+    counted: with prefork, the figure is the consumer's alone)."""
     with ExitStack() as stack:
         env = stack.enter_context(replicate_env()) if path == "replicate" else {}
-        env.update(LOCAL_GENERATOR_LATENCY_S=str(LATENCY_S), REFERENCE_GEN_CONCURRENCY="4")
+        env.update(
+            LOCAL_GENERATOR_LATENCY_S=str(LATENCY_S),
+            REFERENCE_GEN_CONCURRENCY="4",
+            REFERENCE_GEN_POOL=pool,
+        )
         if traced:
             env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_BSP_SCHEDULE_DELAY="200")
         runner, workers = stack.enter_context(cluster(1, **env))
@@ -148,7 +158,14 @@ def run_path(path: str, traced: bool, receiver: OtlpReceiver) -> tuple[list[Job]
         pid = workers[0].process.pid  # `refgen worker` runs Celery in its own process
         before = cpu_ns(pid)
         # A worker that has just answered its first ping, as after a deploy.
-        jobs = [send(runner, traced) for _ in range(ROUNDS)]
+        jobs = []
+        for _ in range(ROUNDS):
+            jobs.append(send(runner, traced))
+            # The next job on a worker done with this one: the final event leaves from the
+            # last image's task, whose own end (its result stored, the chord counted, the
+            # chord's finalize sent and run) takes 10-20 ms more, and a job sent at once
+            # shared the worker with that.
+            time.sleep(IDLE_BETWEEN_JOBS_S)
         return jobs, (cpu_ns(pid) - before) / 1e6 / len(jobs)
 
 
@@ -329,6 +346,23 @@ def main() -> None:
                         (f"  {name}", f"{ms:7.1f} ms  {ms / total:6.1%}") for name, ms in steps
                     ]
             figure(f"tracing_cost_{path}", ratios["traced"] / ratios["untraced"], "x", target=1.01)
+            # The other pool an operator can choose (README: Configuration): its latency, for
+            # the memory bench/memory.py measures it to cost.
+            jobs, _ = run_path(path, False, receiver, pool="prefork")
+            ratio = statistics.median(j.seconds for j in jobs) / ideal[path]
+            figure(
+                f"job_latency_ratio_{path}_prefork",
+                ratio,
+                "x",
+                rounds=ROUNDS,
+                jobs_s=[round(j.seconds, 4) for j in jobs],
+            )
+            rows.append(
+                (
+                    f"{path}, untraced, REFERENCE_GEN_POOL=prefork (4 processes)",
+                    f"{ratio:.3f} × (jobs: " + ", ".join(f"{j.seconds:.3f}" for j in jobs) + " s)",
+                )
+            )
     work_ms = tracing_work_ms()
     figure(
         "tracing_work_per_job", work_ms, "ms", share_of_ideal=round(work_ms / 1000 / LATENCY_S, 5)
