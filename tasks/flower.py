@@ -10,13 +10,24 @@ check and show in ``ps``), however spelt (Tornado strips any dashes and reads ``
 and so is a config file (Flower reads ``flowerconfig.py`` from the working directory by
 default, and it could set ``basic_auth`` too): Flower is given an empty one. Flower serves its
 own ``/metrics`` to anyone; here it asks for the same credentials as every other page.
+
+Two doors Flower leaves open are closed here too (both found by knocking on the compose stack):
+it counts no wrong passwords, so anyone who reaches it may guess at the speed of the network
+(here a client address gets ``FLOWER_FAILED_LOGINS_PER_MINUTE`` wrong ones a minute, then 429
+with ``Retry-After`` until the minute is over); and any site may frame its pages (here
+``X-Frame-Options: DENY`` and ``frame-ancestors 'none'`` on every answer).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
 
 from tasks import exit_codes
 from worker.errors import ConfigurationError
@@ -70,6 +81,7 @@ def run_flower(settings: Settings, flower_args: list[str]) -> int:
     from tasks.app import app
 
     _metrics_behind_credentials()
+    _guard_the_door(FailedLogins(settings.flower_failed_logins_per_minute))
     # Flower reads FLOWER_BASIC_AUTH from the environment itself: the value just checked. No
     # config file may replace it.
     app.start(["flower", *flower_args, *_json_logging(settings), f"--conf={os.devnull}"])
@@ -107,3 +119,73 @@ def _metrics_behind_credentials() -> None:
         else entry
         for entry in urls.handlers
     ]
+
+
+class FailedLogins:
+    """Wrong passwords per client address, counted in windows of ``window_s`` from each
+    client's first; at most ``max_clients`` remembered (the oldest forgotten first), so that a
+    crowd of addresses cannot grow it without bound."""
+
+    def __init__(self, per_window: int, window_s: float = 60.0, max_clients: int = 10_000) -> None:
+        self.per_window = per_window
+        self.window_s = window_s
+        self._max_clients = max_clients
+        self._lock = threading.Lock()
+        self._windows: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def retry_after_s(self, client: str, now: float | None = None) -> float | None:
+        """Seconds until ``client`` may try again; None while it may."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            started, failed = self._windows.get(client, (now, 0))
+            left = started + self.window_s - now
+            if left <= 0:
+                self._windows.pop(client, None)
+                return None
+            return left if failed >= self.per_window else None
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            started, failed = self._windows.pop(client, (now, 0))
+            if now - started >= self.window_s:
+                started, failed = now, 0
+            self._windows[client] = (started, failed + 1)
+            while len(self._windows) > self._max_clients:
+                self._windows.popitem(last=False)
+
+
+def _guard_the_door(failures: FailedLogins) -> None:
+    """Every page and API call of Flower goes through its handlers' ``get_current_user``: a
+    client past its wrong passwords is answered 429 there, before any credential is looked at,
+    and each wrong one it sends is counted. Every answer says it may not be framed."""
+    from flower.views import BaseHandler
+    from tornado import web
+
+    check = BaseHandler.get_current_user
+    default_headers = BaseHandler.set_default_headers
+
+    def get_current_user(self: Any) -> Any:
+        client = self.request.remote_ip or "unknown"
+        wait_s = failures.retry_after_s(client)
+        if wait_s is not None:
+            # Answered here: an HTTPError's answer is written after the headers are reset.
+            self.set_status(429)
+            self.set_header("Retry-After", str(math.ceil(wait_s)))
+            self.set_header("Content-Type", "text/plain")
+            raise web.Finish("Too many wrong passwords: try again later\n")
+        try:
+            return check(self)
+        except web.HTTPError as exc:
+            # A request without credentials (a browser's first) is not a guess.
+            if exc.status_code == 401 and self.request.headers.get("Authorization"):
+                failures.failed(client)
+            raise
+
+    def set_default_headers(self: Any) -> None:
+        default_headers(self)
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("Content-Security-Policy", "frame-ancestors 'none'")
+
+    BaseHandler.get_current_user = get_current_user
+    BaseHandler.set_default_headers = set_default_headers

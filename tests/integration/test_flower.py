@@ -11,6 +11,7 @@ closed to everyone when that is empty, and ``/healthcheck`` open for the contain
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import signal
@@ -351,7 +352,12 @@ def test_refgen_flower_lets_nobody_in_without_the_password(start_flower, tmp_pat
     on the API that starts a (paid) job, nor on Flower's own /metrics; and a flowerconfig.py
     in its working directory (Flower reads one by default) cannot open it again."""
     (tmp_path / "flowerconfig.py").write_text("basic_auth = ['']\n")
-    flower = start_flower(refgen=True, cwd=tmp_path, FLOWER_BASIC_AUTH="ops:test-only-pw")
+    flower = start_flower(
+        refgen=True,
+        cwd=tmp_path,
+        FLOWER_BASIC_AUTH="ops:test-only-pw",
+        FLOWER_FAILED_LOGINS_PER_MINUTE="100",  # every attack answered 401, none throttled
+    )
     attacks = {
         "no header": None,
         "empty credential": "Basic Og==",  # ":"
@@ -378,3 +384,36 @@ def test_refgen_flower_lets_nobody_in_without_the_password(start_flower, tmp_pat
     # LOG_FORMAT=json (the harness's), as for every other process: one JSON object a line.
     lines = [json.loads(line) for line in log.splitlines()]
     assert any(line["logger"] == "flower.command" for line in lines)
+
+
+def answer(flower: Flower, auth: str, source: str = "127.0.0.1") -> http.client.HTTPResponse:
+    """A GET of Flower's API as user:password, sent from the loopback address ``source``."""
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", flower.port, timeout=10, source_address=(source, 0)
+    )
+    token = base64.b64encode(auth.encode()).decode()
+    connection.request("GET", "/api/workers", headers={"Authorization": f"Basic {token}"})
+    reply = connection.getresponse()
+    reply.read()
+    connection.close()
+    return reply
+
+
+def test_refgen_flower_stops_a_client_guessing_passwords(start_flower) -> None:
+    """Past its wrong passwords for the minute, a client address is answered 429 whatever it
+    sends, the right password included; another address is not; no page may be framed."""
+    flower = start_flower(
+        refgen=True, FLOWER_BASIC_AUTH="ops:test-only-pw", FLOWER_FAILED_LOGINS_PER_MINUTE="3"
+    )
+    assert answer(flower, "ops:test-only-pw").status == 200  # a right one counts nothing
+    for guess in ("ops:a", "ops:b", "ops:c"):
+        assert answer(flower, guess).status == 401
+    stopped = answer(flower, "ops:test-only-pw")
+    assert stopped.status == 429
+    assert 1 <= int(stopped.headers["Retry-After"]) <= 60
+    assert answer(flower, "ops:d").status == 429  # and no more guesses are looked at
+    other = answer(flower, "ops:test-only-pw", source="127.0.0.2")
+    assert other.status == 200
+    assert other.headers["X-Frame-Options"] == "DENY"
+    assert other.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+    assert stopped.headers["X-Frame-Options"] == "DENY"
