@@ -106,8 +106,11 @@ class Leases:
     def release(self, task_id: str, token: str) -> bool:
         return bool(self._release(keys=self._keys, args=[task_id, token]))
 
-    def extend(self, task_id: str, token: str, seconds: float) -> bool:
-        return bool(self._extend(keys=self._keys, args=[task_id, token, seconds]))
+    def extend(self, task_id: str, token: str, seconds: float, *, queued: bool = False) -> bool:
+        """``queued``: the holder is now the task's message on the broker (the watchdog's claim,
+        once it has sent the task again); its token on record says so (``in_delivery``)."""
+        flag = "1" if queued else "0"
+        return bool(self._extend(keys=self._keys, args=[task_id, token, seconds, flag]))
 
     def claim_expired(
         self, claimer: str, *, hold_s: float, limit: int = 100, request_id: str | None = None
@@ -344,7 +347,11 @@ class Watchdog:
                 )
                 continue
             crash_point("watchdog.after_resend")
-            self._leases.extend(claim.task_id, claim.token, self._leases.queued_grace_s)
+            # Held by the message now: a worker that takes it and dies before leasing it leaves
+            # it for the orphan rescue, not for this claim's grace to run out (minutes).
+            self._leases.extend(
+                claim.task_id, claim.token, self._leases.queued_grace_s, queued=True
+            )
             log.warning("lost_task_resent", task_id=claim.task_id, task=claim.payload.get("task"))
         self._rescue_orphans()
         with self._overdue_lock:

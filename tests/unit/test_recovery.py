@@ -216,6 +216,9 @@ def test_watchdog_resends_and_a_failed_resend_is_retried(redis_client) -> None:
     expiry = leases.expiry("task-1")
     seconds, _ = redis_client.time()
     assert expiry is not None and expiry > seconds + 50  # queued: covered for the grace
+    # Held by the message sent again, not by a delivery: a worker that takes it off the broker
+    # and dies before leasing it leaves it to the orphan rescue.
+    assert leases.held("task-1") and not leases.in_delivery("task-1")
 
 
 def test_lease_renewal_never_waits_on_recovery_work(redis_client) -> None:
