@@ -141,8 +141,8 @@ def replicate_env() -> Iterator[dict[str, str]]:
 def run_path(
     path: str, traced: bool, receiver: OtlpReceiver, pool: str = "threads"
 ) -> tuple[list[Job], float]:
-    """The jobs, and the worker's CPU time per job in milliseconds (its pool processes' not
-    counted: with prefork, the figure is the consumer's alone)."""
+    """The jobs, and the worker's CPU time per job in milliseconds, from the job's send to its
+    final event (what it spends after that, and its pool processes' with prefork, uncounted)."""
     with ExitStack() as stack:
         env = stack.enter_context(replicate_env()) if path == "replicate" else {}
         env.update(
@@ -156,17 +156,19 @@ def run_path(
         warm_sender(runner)
         assert workers[0].process is not None
         pid = workers[0].process.pid  # `refgen worker` runs Celery in its own process
-        before = cpu_ns(pid)
         # A worker that has just answered its first ping, as after a deploy.
-        jobs = []
-        for _ in range(ROUNDS):
+        jobs, cpu = [], 0
+        for n in range(ROUNDS):
+            if n:
+                # The next job on a worker done with the one before: the final event leaves
+                # from the last image's task, whose own end (its result stored, the chord
+                # counted, the chord's finalize sent and run) takes 10-20 ms more, and a job
+                # sent at once shared the worker with that.
+                time.sleep(IDLE_BETWEEN_JOBS_S)
+            before = cpu_ns(pid)
             jobs.append(send(runner, traced))
-            # The next job on a worker done with this one: the final event leaves from the
-            # last image's task, whose own end (its result stored, the chord counted, the
-            # chord's finalize sent and run) takes 10-20 ms more, and a job sent at once
-            # shared the worker with that.
-            time.sleep(IDLE_BETWEEN_JOBS_S)
-        return jobs, (cpu_ns(pid) - before) / 1e6 / len(jobs)
+            cpu += cpu_ns(pid) - before
+        return jobs, cpu / 1e6 / len(jobs)
 
 
 def cpu_ns(pid: int) -> int:

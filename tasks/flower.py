@@ -13,13 +13,16 @@ own ``/metrics`` to anyone; here it asks for the same credentials as every other
 
 Two doors Flower leaves open are closed here too (both found by knocking on the compose stack):
 it counts no wrong passwords, so anyone who reaches it may guess at the speed of the network
-(here a client address gets ``FLOWER_FAILED_LOGINS_PER_MINUTE`` wrong ones a minute, then 429
-with ``Retry-After`` until the minute is over); and any site may frame its pages (here
-``X-Frame-Options: DENY`` and ``frame-ancestors 'none'`` on every answer).
+(here a client gets ``FLOWER_FAILED_LOGINS_PER_MINUTE`` wrong ones a minute, then 429 with
+``Retry-After`` on every page that asks for credentials until the minute is over); and any
+site may frame its pages (here ``X-Frame-Options: DENY`` and ``frame-ancestors 'none'`` on
+every page). A client is the address its connection comes from, never one a header names
+(Tornado's ``--xheaders`` would believe ``X-Real-Ip`` from anyone), an IPv6 one by its /64.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -155,10 +158,27 @@ class FailedLogins:
                 self._windows.popitem(last=False)
 
 
+def client_of(peer: object, fallback: str) -> str:
+    """Whom a connection's wrong passwords count against: its peer address (``fallback``
+    when there is none), an IPv4-mapped one as IPv4, an IPv6 one by its /64 (what one
+    subscriber is given)."""
+    host = peer[0] if isinstance(peer, tuple) and peer else fallback
+    try:
+        address = ipaddress.ip_address(str(host))
+    except ValueError:
+        return str(host)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 def _guard_the_door(failures: FailedLogins) -> None:
-    """Every page and API call of Flower goes through its handlers' ``get_current_user``: a
-    client past its wrong passwords is answered 429 there, before any credential is looked at,
-    and each wrong one it sends is counted. Every answer says it may not be framed."""
+    """Every page and API call of Flower that asks for credentials goes through its handlers'
+    ``get_current_user``: a client past its wrong passwords is answered 429 there, before any
+    credential is looked at, and each wrong one it sends is counted. Every page says it may
+    not be framed."""
     from flower.views import BaseHandler
     from tornado import web
 
@@ -166,7 +186,8 @@ def _guard_the_door(failures: FailedLogins) -> None:
     default_headers = BaseHandler.set_default_headers
 
     def get_current_user(self: Any) -> Any:
-        client = self.request.remote_ip or "unknown"
+        context = getattr(self.request.connection, "context", None)
+        client = client_of(getattr(context, "address", None), self.request.remote_ip or "")
         wait_s = failures.retry_after_s(client)
         if wait_s is not None:
             # Answered here: an HTTPError's answer is written after the headers are reset.

@@ -37,10 +37,7 @@ def _warm_worker(sender: Any = None, **_: Any) -> None:
     if settings.reference_gen_pool == "prefork":
         return
     warm(services(), settings.reference_gen_concurrency)
-    try:
-        open_connections(app.backend.client, settings.reference_gen_concurrency)
-    except Exception as exc:  # best effort, as every warm-up step
-        log.warning("warmup_step_failed", step="result_backend", error=repr(exc))
+    _backend(settings.reference_gen_concurrency)
     executor = getattr(getattr(sender, "pool", None), "executor", None)
     if isinstance(executor, Executor):
         fill(executor, settings.reference_gen_concurrency)
@@ -50,7 +47,15 @@ def _warm_worker(sender: Any = None, **_: Any) -> None:
 def _warm_child(**_: Any) -> None:
     if get_settings().reference_gen_pool == "prefork":
         warm(services(), 1)
+        _backend(1)
         _thread_warm(None)
+
+
+def _backend(connections: int) -> None:
+    try:
+        open_connections(app.backend.client, connections)
+    except Exception as exc:  # best effort, as every warm-up step
+        log.warning("warmup_step_failed", step="result_backend", error=repr(exc))
 
 
 def fill(executor: Executor, threads: int) -> None:

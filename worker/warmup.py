@@ -63,12 +63,13 @@ def open_connections(client: redis.Redis, count: int) -> None:
 
 def _scripts(services: Services, _: int) -> None:
     # In the server's script cache, so the first EVALSHA of each is answered, not refused:
-    # ours, and redis-py's image locks' (an image's lock is released between its outcome and
-    # the job's end, so a refused release was two round trips more on the first job's path).
+    # ours, and the release and renewal of redis-py's image locks (an image's lock is released
+    # between its outcome and the job's end: a refused release was two round trips more on
+    # the first job's path).
     pipe = services.client.pipeline(transaction=False)
     for name in scripts.NAMES:
         pipe.script_load(scripts.source(name))
-    for source in (Lock.LUA_RELEASE_SCRIPT, Lock.LUA_REACQUIRE_SCRIPT, Lock.LUA_EXTEND_SCRIPT):
+    for source in (Lock.LUA_RELEASE_SCRIPT, Lock.LUA_REACQUIRE_SCRIPT):
         pipe.script_load(source)
     pipe.execute()
 

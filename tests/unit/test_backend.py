@@ -139,9 +139,13 @@ def test_a_chord_sets_its_size_in_one_round_trip(app: Celery, redis_client) -> N
     )
     redis_client.set(done, "done")  # left by an earlier run of the same chord
     pool = backend.client.connection_pool
-    with patch.object(pool, "get_connection", wraps=pool.get_connection) as taken:
+    with (
+        patch.object(pool, "get_connection", wraps=pool.get_connection) as taken,
+        patch.object(backend.client, "pipeline", wraps=backend.client.pipeline) as piped,
+    ):
         backend.set_chord_size(group_id, 4)
     assert taken.call_count == 1
+    assert piped.call_args.kwargs.get("transaction", True)  # MULTI: both or neither
     assert redis_client.get(done) is None  # a new run: its parts are not late duplicates
     assert redis_client.get(size) == "4"
     assert 0 < redis_client.ttl(size) <= backend.chord_expires

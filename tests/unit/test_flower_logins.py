@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.flower import FailedLogins
+from tasks.flower import FailedLogins, client_of
 
 
 def test_a_client_past_its_wrong_passwords_waits_out_its_window() -> None:
@@ -31,3 +31,12 @@ def test_a_crowd_of_addresses_cannot_grow_the_count_without_bound() -> None:
         failures.failed(f"10.0.{n // 256}.{n % 256}", now=0)
     assert len(failures._windows) == 100
     assert failures.retry_after_s("10.0.3.231", now=1) == 59  # the latest are kept
+
+
+def test_a_client_is_its_connections_address_an_ipv6_one_by_its_64() -> None:
+    assert client_of(("203.0.113.7", 50000), fallback="198.51.100.1") == "203.0.113.7"
+    assert client_of(("::ffff:203.0.113.7", 50000, 0, 0), fallback="") == "203.0.113.7"
+    one = client_of(("2001:db8:1:2::1", 50000, 0, 0), fallback="")
+    assert one == client_of(("2001:db8:1:2:ffff::9", 1, 0, 0), fallback="") == "2001:db8:1:2::/64"
+    assert client_of(("2001:db8:1:3::1", 1, 0, 0), fallback="") != one
+    assert client_of("", fallback="198.51.100.1") == "198.51.100.1"  # a unix socket
