@@ -109,8 +109,8 @@ class Leases:
     def extend(self, task_id: str, token: str, seconds: float, *, queued: bool = False) -> bool:
         """``queued``: the holder is now the task's message on the broker (the watchdog's claim,
         once it has sent the task again); its token on record says so (``in_delivery``)."""
-        flag = "1" if queued else "0"
-        return bool(self._extend(keys=self._keys, args=[task_id, token, seconds, flag]))
+        holder = QUEUED_HOLDER if queued else ""
+        return bool(self._extend(keys=self._keys, args=[task_id, token, seconds, holder]))
 
     def claim_expired(
         self, claimer: str, *, hold_s: float, limit: int = 100, request_id: str | None = None
