@@ -4,7 +4,7 @@ Flower 2.2 takes ``FLOWER_BASIC_AUTH`` as it is: an empty value becomes one empt
 and a header whose base64 decodes to nothing (``Basic !``, ``Basic ====``) matches it, so a
 Flower started with ``FLOWER_BASIC_AUTH=`` served everyone, including the API that starts
 tasks (paid work). A ``user:`` credential is matched by ``Basic dXNlcjo=`` the same way. So
-every credential must have a non-empty user and a non-empty password, or Flower does not
+every credential must be ASCII with a non-empty user and a non-empty password, or Flower does not
 start (exit 5, one line); credentials on the command line are refused (they would bypass the
 check and show in ``ps``), however spelt (Tornado strips any dashes and reads ``_`` as ``-``),
 and so is a config file (Flower reads ``flowerconfig.py`` from the working directory by
@@ -13,8 +13,8 @@ own ``/metrics`` to anyone; here it asks for the same credentials as every other
 
 Two doors Flower leaves open are closed here too (both found by knocking on the compose stack):
 it counts no wrong passwords, so anyone who reaches it may guess at the speed of the network
-(here a client gets ``FLOWER_FAILED_LOGINS_PER_MINUTE`` wrong ones a minute, then 429 with
-``Retry-After`` on every page that asks for credentials until the minute is over); and any
+(here a client gets ``FLOWER_FAILED_LOGINS_PER_MINUTE`` wrong ones in any 60 s, then 429
+with ``Retry-After`` on every page that asks for credentials); and any
 site may frame its pages (here ``X-Frame-Options: DENY`` and ``frame-ancestors 'none'`` on
 every page). A client is the address its connection comes from, never one a header names
 (Tornado's ``--xheaders`` would believe ``X-Real-Ip`` from anyone), an IPv6 one by its /64.
@@ -29,7 +29,7 @@ import os
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 from tasks import exit_codes
@@ -72,6 +72,11 @@ def check_credentials(settings: Settings, flower_args: list[str]) -> None:
         settings.flower_basic_auth.get_secret_value().split(","), start=1
     ):
         user, colon, password = credential.partition(":")
+        if not credential.isascii():
+            raise ConfigurationError(
+                f"FLOWER_BASIC_AUTH credential #{position} must be ASCII (Flower compares "
+                "credentials as ASCII: one that is not would let nobody in)"
+            )
         if not colon or not user.strip() or not password.strip():
             raise ConfigurationError(
                 f"FLOWER_BASIC_AUTH credential #{position} must be user:password with both "
@@ -125,37 +130,48 @@ def _metrics_behind_credentials() -> None:
 
 
 class FailedLogins:
-    """Wrong passwords per client address, counted in windows of ``window_s`` from each
-    client's first; at most ``max_clients`` remembered (the oldest forgotten first), so that a
-    crowd of addresses cannot grow it without bound."""
+    """Wrong passwords per client over the last ``window_s`` (a sliding window: never more
+    than ``per_window`` in any such stretch); at most ``max_clients`` remembered, those with
+    no wrong password left in their window forgotten first, then the longest quiet, so that
+    a crowd of addresses cannot grow it without bound."""
 
     def __init__(self, per_window: int, window_s: float = 60.0, max_clients: int = 10_000) -> None:
         self.per_window = per_window
         self.window_s = window_s
         self._max_clients = max_clients
         self._lock = threading.Lock()
-        self._windows: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
     def retry_after_s(self, client: str, now: float | None = None) -> float | None:
         """Seconds until ``client`` may try again; None while it may."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            started, failed = self._windows.get(client, (now, 0))
-            left = started + self.window_s - now
-            if left <= 0:
-                self._windows.pop(client, None)
+            times = self._recent(client, now)
+            if times is None or len(times) < self.per_window:
                 return None
-            return left if failed >= self.per_window else None
+            return times[0] + self.window_s - now
 
     def failed(self, client: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
-            started, failed = self._windows.pop(client, (now, 0))
-            if now - started >= self.window_s:
-                started, failed = now, 0
-            self._windows[client] = (started, failed + 1)
-            while len(self._windows) > self._max_clients:
-                self._windows.popitem(last=False)
+            times = self._recent(client, now) or deque(maxlen=self.per_window)
+            times.append(now)
+            self._failures[client] = times
+            self._failures.move_to_end(client)
+            if len(self._failures) > self._max_clients:
+                for quiet in [c for c, t in self._failures.items() if t[-1] <= now - self.window_s]:
+                    del self._failures[quiet]
+            while len(self._failures) > self._max_clients:
+                self._failures.popitem(last=False)
+
+    def _recent(self, client: str, now: float) -> deque[float] | None:
+        times = self._failures.get(client)
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if times is not None and not times:
+            del self._failures[client]
+            return None
+        return times
 
 
 def client_of(peer: object, fallback: str) -> str:
@@ -202,6 +218,11 @@ def _guard_the_door(failures: FailedLogins) -> None:
             if exc.status_code == 401 and self.request.headers.get("Authorization"):
                 failures.failed(client)
             raise
+        except TypeError:
+            # Flower's compare_digest raises on a password that is not ASCII: a wrong one,
+            # counted, not a 500 (with a traceback logged) that anyone could ask for.
+            failures.failed(client)
+            raise web.HTTPError(401) from None
 
     def set_default_headers(self: Any) -> None:
         default_headers(self)

@@ -152,8 +152,8 @@ class Settings(BaseSettings):
     # credentials (tasks/flower.py); Flower reads them from the environment itself.
     flower_basic_auth: SecretStr | None = None
     flower_unauthenticated_api: bool = False
-    # Wrong passwords one client address may send Flower in a minute; past it, 429 until the
-    # minute is over, whatever it sends (tasks/flower.py: Flower itself counts nothing).
+    # Wrong passwords one client may send Flower in any 60 s; past them, 429 whatever it sends
+    # (tasks/flower.py: Flower itself counts nothing).
     flower_failed_logins_per_minute: int = Field(default=10, ge=1)
 
     # The gateway's door (README: Scaling the gateway): at most this many event streams open on
