@@ -32,10 +32,14 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
+import structlog
+
 from tasks import exit_codes
 from worker.errors import ConfigurationError
 from worker.logging import configure_logging
 from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 # Tornado's names for them once dashes are stripped and ``_`` read as ``-``.
 _REFUSED_OPTIONS = ("basic-auth", "auth", "unauthenticated-api", "conf")
@@ -151,10 +155,12 @@ class FailedLogins:
                 return None
             return times[0] + self.window_s - now
 
-    def failed(self, client: str, now: float | None = None) -> None:
+    def failed(self, client: str, now: float | None = None) -> bool:
+        """Count a wrong password; True when it is the one that stops ``client``."""
         now = time.monotonic() if now is None else now
         with self._lock:
             times = self._recent(client, now) or deque(maxlen=self.per_window)
+            stopped = len(times) == self.per_window - 1
             times.append(now)
             self._failures[client] = times
             self._failures.move_to_end(client)
@@ -163,6 +169,7 @@ class FailedLogins:
                     del self._failures[quiet]
             while len(self._failures) > self._max_clients:
                 self._failures.popitem(last=False)
+            return stopped
 
     def _recent(self, client: str, now: float) -> deque[float] | None:
         times = self._failures.get(client)
@@ -216,13 +223,23 @@ def _guard_the_door(failures: FailedLogins) -> None:
         except web.HTTPError as exc:
             # A request without credentials (a browser's first) is not a guess.
             if exc.status_code == 401 and self.request.headers.get("Authorization"):
-                failures.failed(client)
+                wrong_password(client)
             raise
         except TypeError:
             # Flower's compare_digest raises on a password that is not ASCII: a wrong one,
             # counted, not a 500 (with a traceback logged) that anyone could ask for.
-            failures.failed(client)
+            wrong_password(client)
             raise web.HTTPError(401) from None
+
+    def wrong_password(client: str) -> None:
+        if failures.failed(client):
+            # Once a stop, never a password: whom operators locked out can ask about.
+            log.warning(
+                "flower_client_stopped",
+                client=client,
+                wrong_passwords=failures.per_window,
+                retry_after_s=round(failures.retry_after_s(client) or 0),
+            )
 
     def set_default_headers(self: Any) -> None:
         default_headers(self)

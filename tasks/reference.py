@@ -133,8 +133,10 @@ def priority(level: int) -> dict[str, int]:
     # A failed image is an outcome: logged in one line, without a traceback.
     throws=(ImageNotMade,),
 )
-def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    image = ImageSpec.model_validate(spec)
+def generate_reference(
+    self: Any, spec: object = None, *extra: object, **unexpected: object
+) -> dict[str, Any]:
+    image = image_of(spec, extra, unexpected)
     with abandoned_as_ignored(self):
         refused = admission.refusal(services().jobs, image)
     if refused is not None:
@@ -189,6 +191,25 @@ def generate_reference(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
         # the chord still hands the outcome to finalize (tasks/backend.py).
         raise ImageNotMade(step.outcome.reason or "The image could not be made", outcome)
     return outcome
+
+
+def image_of(spec: object, extra: tuple[object, ...], unexpected: dict[str, object]) -> ImageSpec:
+    """The image a message asks for. One that is not an image of a plan (sent by name with
+    other arguments) is refused in one line, as a forged image is (worker/admission.py), not
+    failed with a traceback; it carries no outcome, for it is no image of any job."""
+    try:
+        if extra or unexpected:
+            raise ValueError("unexpected arguments")
+        return ImageSpec.model_validate(spec)
+    except (ValidationError, ValueError):
+        reason = "Refused: the message does not name an image of a plan; nothing was paid"
+        log.error(
+            "image_refused",
+            reason=reason,
+            extra_args=len(extra),
+            unexpected_kwargs=sorted(unexpected)[:10],
+        )
+        raise ImageNotMade(reason, {}) from None
 
 
 def look_again_later(task: Any, delay_s: float) -> NoReturn:

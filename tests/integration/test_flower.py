@@ -417,3 +417,15 @@ def test_refgen_flower_stops_a_client_guessing_passwords(start_flower) -> None:
     assert other.headers["X-Frame-Options"] == "DENY"
     assert other.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
     assert stopped.headers["X-Frame-Options"] == "DENY"
+
+    # Whom it stopped, once, for operators to find; never a password.
+    def stops() -> list[tuple[str, int]]:
+        lines = [json.loads(line) for line in flower.log_path.read_text().splitlines()]
+        return [
+            (line["client"], line["wrong_passwords"])
+            for line in lines
+            if line.get("event") == "flower_client_stopped"
+        ]
+
+    assert poll(stops, what="the stop's log line") == [("127.0.0.1", 3)]
+    assert "test-only-pw" not in flower.log_path.read_text()

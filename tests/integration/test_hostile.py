@@ -132,3 +132,26 @@ def test_images_sent_by_name_outside_an_admitted_plan_are_refused_before_paying(
     log = Path(worker.log_path).read_text()[logged_before:]  # the worker is the session's
     assert log.count("image_refused") == 3 and "Traceback" not in log
     assert worker.alive
+
+
+def test_an_image_message_that_names_no_image_is_refused_in_one_line(worker, client) -> None:
+    """Sent by name with arguments that are not an image spec (none, too many, a spec
+    missing its fields): a refused FAILURE like a forged image's, one log line, no traceback."""
+    logged_before = len(Path(worker.log_path).read_text())
+    malformed = {
+        "no spec": ([], {}),
+        "not a spec": ([], {"spec": "an image, please"}),
+        "a spec missing its fields": ([], {"spec": {"job_id": str(uuid.uuid4())}}),
+        "too many arguments": ([{"job_id": "x"}, 2, 3], {}),
+        "unexpected keywords": ([], {"spec": {}, "pay": "twice"}),
+    }
+    for what, (args, kwargs) in malformed.items():
+        sent = client.send_task(
+            c.TASK_GENERATE, args=args, kwargs=kwargs, queue="reference_generator"
+        )
+        sent.get(timeout=30, propagate=False)
+        assert sent.state == "FAILURE", what
+        assert "Refused" in str(sent.result) and "nothing was paid" in str(sent.result), what
+    log = Path(worker.log_path).read_text()[logged_before:]
+    assert log.count("image_refused") == len(malformed) and "Traceback" not in log
+    assert worker.alive

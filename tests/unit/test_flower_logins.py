@@ -11,9 +11,11 @@ from worker.settings import Settings
 
 def test_a_client_past_its_wrong_passwords_waits_out_its_window() -> None:
     failures = FailedLogins(per_window=3, window_s=60)
+    stops = []
     for second in (0, 1, 2):
         assert failures.retry_after_s("10.0.0.1", now=second) is None
-        failures.failed("10.0.0.1", now=second)
+        stops.append(failures.failed("10.0.0.1", now=second))
+    assert stops == [False, False, True]  # the third stops it: logged once
     assert failures.retry_after_s("10.0.0.1", now=10) == 50  # the window opened at 0
     assert failures.retry_after_s("10.0.0.2", now=10) is None  # another client is not
     assert failures.retry_after_s("10.0.0.1", now=60) is None
