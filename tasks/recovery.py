@@ -36,7 +36,7 @@ from worker.crashpoints import fail_point
 from worker.errors import DeliveryAbandoned
 from worker.fairness import QueueAging
 from worker.lifecycle import Cause, JobFinalizer
-from worker.recovery import Heartbeat, OrphanClock, Ticker, Watchdog
+from worker.recovery import Heartbeat, OrphanClock, Standing, Ticker, Watchdog
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +105,8 @@ def rescue_orphans() -> None:
     (or while the lease was still a retry's hand-over):
     kombu keeps each in its unacked set until the visibility timeout (10 minutes). One seen
     there with no lease for two lease lifetimes is put back on its queue now (a live worker
-    leases a message within milliseconds of taking it). The time is counted on the Redis clock
+    leases a message within milliseconds of taking it), unless a later attempt of its task has
+    taken it over: then it is dropped. The time is counted on the Redis clock
     (``OrphanClock``), not against kombu's scores, which the delivering host's clock stamps."""
     s = services()
     with app.pool.acquire(block=True) as connection:
@@ -116,23 +117,35 @@ def rescue_orphans() -> None:
         pipe = client.pipeline(transaction=False)
         for tag in tags:
             pipe.hget(qos.unacked_key, tag)
-        unleased: dict[str, tuple[str, str]] = {}
+        lost: dict[str, tuple[str, str, Standing]] = {}
         for tag, raw in zip(tags, pipe.execute(), strict=True):
             if raw is None:
                 continue  # acked meanwhile
             message, _, _ = json.loads(raw)
             headers = message.get("headers") or {}
             task_id, task = headers.get("id"), headers.get("task")
+            if task not in _OUR_TASKS or not task_id:
+                continue
             # A retry's hand-over covers the retry while it waits on the broker; once a worker
             # has taken it (it is in the unacked set), that worker leases it within
             # milliseconds, unless it died in between: then only its rescue brings it back
-            # before the hand-over's long lease (the queue's grace, minutes) expires.
-            if task in _OUR_TASKS and task_id and not s.leases.in_delivery(task_id):
-                unleased[tag] = (task_id, task)
-        for tag in OrphanClock(s.client).due(list(unleased), hold_s=2 * s.leases.ttl_s):
-            qos.restore_by_tag(tag, client)
-            task_id, task = unleased[tag]
-            log.warning("orphaned_message_restored", task_id=task_id, task=task)
+            # before the hand-over's long lease (the queue's grace, minutes) expires. The
+            # attempt that handed over is in the unacked set too when its worker died before
+            # acknowledging it: its work is done, and run again it would be an attempt more.
+            standing = s.leases.standing(task_id, int(headers.get("retries") or 0))
+            if standing != "delivered":
+                lost[tag] = (task_id, task, standing)
+        for tag in OrphanClock(s.client).due(list(lost), hold_s=2 * s.leases.ttl_s):
+            task_id, task, standing = lost[tag]
+            if standing == "superseded":
+                # As kombu acknowledges one: out of the unacked set, not back on a queue.
+                client.pipeline().zrem(qos.unacked_index_key, tag).hdel(
+                    qos.unacked_key, tag
+                ).execute()
+                log.warning("superseded_message_dropped", task_id=task_id, task=task)
+            else:
+                qos.restore_by_tag(tag, client)
+                log.warning("orphaned_message_restored", task_id=task_id, task=task)
 
 
 def finalize_and_store(job_id: str, cause: Cause) -> Any:

@@ -44,7 +44,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis
 import structlog
@@ -60,6 +60,7 @@ log = structlog.get_logger(__name__)
 
 # The token of a lease held by a message on the broker (a retry's hand-over), not a delivery.
 QUEUED_HOLDER = "queued-"
+Standing = Literal["delivered", "orphaned", "superseded"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class Leases:
     ) -> str:
         """Take (or take over) a task's lease for a new holder; returns the holder's token.
         ``queued``: the holder is a message on the broker (a retry handed its lease), not a
-        delivery; its token says so (``in_delivery``)."""
+        delivery; its token says so (``standing``)."""
         token = (QUEUED_HOLDER if queued else "") + uuid.uuid4().hex
         self._hold(
             keys=self._keys, args=[task_id, token, json.dumps(payload), self.ttl_s + extra_s]
@@ -108,7 +109,7 @@ class Leases:
 
     def extend(self, task_id: str, token: str, seconds: float, *, queued: bool = False) -> bool:
         """``queued``: the holder is now the task's message on the broker (the watchdog's claim,
-        once it has sent the task again); its token on record says so (``in_delivery``)."""
+        once it has sent the task again); its token on record says so (``standing``)."""
         holder = QUEUED_HOLDER if queued else ""
         return bool(self._extend(keys=self._keys, args=[task_id, token, seconds, holder]))
 
@@ -129,11 +130,24 @@ class Leases:
         """True while some delivery (or a claim, or a retry's hand-over) holds the lease."""
         return bool(self._redis.hexists(c.LEASE_RECORDS, task_id))
 
-    def in_delivery(self, task_id: str) -> bool:
-        """True while a delivery holds the lease: not nobody, and not a message on the broker
-        (a retry's hand-over), whose lease stops covering it once a worker has taken it."""
+    def standing(self, task_id: str, attempt: int) -> Standing:
+        """What a message of ``task_id``'s ``attempt`` (its ``retries``) that a worker took
+        from the broker is to the orphan rescue: held by a delivery (``"delivered"``: leave
+        it); held by nobody, or by a message on the broker (a hand-over: its lease stops
+        covering it once a worker has taken it), so lost with the worker that took it
+        (``"orphaned"``: put it back); or an attempt that handed its task to a later one
+        (``"superseded"``: drop it, for putting it back would run that attempt again)."""
         record = self._redis.hget(c.LEASE_RECORDS, task_id)
-        return record is not None and not str(record).startswith(QUEUED_HOLDER)
+        if record is None:
+            return "orphaned"
+        token, _, payload = str(record).partition(" ")
+        if not token.startswith(QUEUED_HOLDER):
+            return "delivered"
+        try:
+            handed_to = int((json.loads(payload).get("options") or {}).get("retries") or 0)
+        except (ValueError, TypeError, AttributeError):
+            handed_to = 0
+        return "superseded" if attempt < handed_to else "orphaned"
 
 
 class Deadlines:

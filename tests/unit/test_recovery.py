@@ -99,11 +99,25 @@ def test_a_retrys_hand_over_is_held_but_not_by_a_delivery(redis_client) -> None:
     lease (minutes long), and waited for it to expire."""
     leases = Leases(redis_client, ttl_s=5)
     task = f"t-{uuid.uuid4().hex}"
-    assert not leases.held(task) and not leases.in_delivery(task)
-    leases.take(task, {"task": "x"}, extra_s=2, queued=True)
-    assert leases.held(task) and not leases.in_delivery(task)
-    leases.take(task, {"task": "x"})  # a worker received the retry: its delivery takes over
-    assert leases.held(task) and leases.in_delivery(task)
+    assert not leases.held(task) and leases.standing(task, 0) == "orphaned"
+    retry = {"task": "x", "options": {"retries": 1}}
+    leases.take(task, retry, extra_s=2, queued=True)
+    assert leases.held(task) and leases.standing(task, 1) == "orphaned"
+    leases.take(task, retry)  # a worker received the retry: its delivery takes over
+    assert leases.held(task) and leases.standing(task, 1) == "delivered"
+
+
+def test_an_attempt_that_handed_its_task_to_a_retry_is_superseded(redis_client) -> None:
+    """A worker killed after sending its retry leaves both messages in its unacked set: the
+    attempt that handed over (its work done) and the retry. Put back, the first would run
+    that attempt again, and an image could be made by its first attempt after its retry
+    was announced; the rescue drops it and puts the retry back."""
+    leases = Leases(redis_client, ttl_s=5)
+    task = f"t-{uuid.uuid4().hex}"
+    leases.take(task, {"task": "x", "options": {"retries": 0}})  # the first attempt's delivery
+    leases.take(task, {"task": "x", "options": {"retries": 1}}, extra_s=2, queued=True)
+    assert leases.standing(task, 0) == "superseded"
+    assert leases.standing(task, 1) == "orphaned"
 
 
 def test_renewal_keeps_a_lease_alive(redis_client) -> None:
@@ -218,7 +232,7 @@ def test_watchdog_resends_and_a_failed_resend_is_retried(redis_client) -> None:
     assert expiry is not None and expiry > seconds + 50  # queued: covered for the grace
     # Held by the message sent again, not by a delivery: a worker that takes it off the broker
     # and dies before leasing it leaves it to the orphan rescue.
-    assert leases.held("task-1") and not leases.in_delivery("task-1")
+    assert leases.held("task-1") and leases.standing("task-1", 0) == "orphaned"
 
 
 def test_lease_renewal_never_waits_on_recovery_work(redis_client) -> None:
