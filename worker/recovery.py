@@ -126,10 +126,6 @@ class Leases:
         score = self._redis.zscore(c.LEASES, task_id)
         return float(score) if score is not None else None
 
-    def held(self, task_id: str) -> bool:
-        """True while some delivery (or a claim, or a retry's hand-over) holds the lease."""
-        return bool(self._redis.hexists(c.LEASE_RECORDS, task_id))
-
     def standing(self, task_id: str, attempt: int) -> Standing:
         """What a message of ``task_id``'s ``attempt`` (its ``retries``) that a worker took
         from the broker is to the orphan rescue: held by a delivery (``"delivered"``: leave

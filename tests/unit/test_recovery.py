@@ -99,12 +99,14 @@ def test_a_retrys_hand_over_is_held_but_not_by_a_delivery(redis_client) -> None:
     lease (minutes long), and waited for it to expire."""
     leases = Leases(redis_client, ttl_s=5)
     task = f"t-{uuid.uuid4().hex}"
-    assert not leases.held(task) and leases.standing(task, 0) == "orphaned"
+    assert (
+        not redis_client.hexists(c.LEASE_RECORDS, task) and leases.standing(task, 0) == "orphaned"
+    )
     retry = {"task": "x", "options": {"retries": 1}}
     leases.take(task, retry, extra_s=2, queued=True)
-    assert leases.held(task) and leases.standing(task, 1) == "orphaned"
+    assert redis_client.hexists(c.LEASE_RECORDS, task) and leases.standing(task, 1) == "orphaned"
     leases.take(task, retry)  # a worker received the retry: its delivery takes over
-    assert leases.held(task) and leases.standing(task, 1) == "delivered"
+    assert redis_client.hexists(c.LEASE_RECORDS, task) and leases.standing(task, 1) == "delivered"
 
 
 def test_an_attempt_that_handed_its_task_to_a_retry_is_superseded(redis_client) -> None:
@@ -232,7 +234,10 @@ def test_watchdog_resends_and_a_failed_resend_is_retried(redis_client) -> None:
     assert expiry is not None and expiry > seconds + 50  # queued: covered for the grace
     # Held by the message sent again, not by a delivery: a worker that takes it off the broker
     # and dies before leasing it leaves it to the orphan rescue.
-    assert leases.held("task-1") and leases.standing("task-1", 0) == "orphaned"
+    assert (
+        redis_client.hexists(c.LEASE_RECORDS, "task-1")
+        and leases.standing("task-1", 0) == "orphaned"
+    )
 
 
 def test_lease_renewal_never_waits_on_recovery_work(redis_client) -> None:
