@@ -54,6 +54,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from gateway.access import AccessLog
 from gateway.auth import RequireToken, Verifier, grant_of
+from gateway.door import RefuseAmbiguousFraming
 from gateway.fanout import Fanout
 from gateway.feed import EventFeed, FeedOptions, FeedTimer
 from gateway.headers import SecurityHeaders, origin_of
@@ -391,6 +392,7 @@ def create_app(
     middleware = [
         Middleware(AccessLog),
         Middleware(SecurityHeaders, image_origins=origin_of(settings.local_storage_public_url)),
+        Middleware(RefuseAmbiguousFraming),
     ]
     if settings.gateway_allowed_origins:
         middleware.append(

@@ -7,6 +7,9 @@
   here that report is answered: one spare descriptor, kept open for the purpose, is freed to
   accept the waiting connections one by one and answer each 503 with ``Retry-After``, and the
   episode is logged once (then at most once a minute, with a count), without a traceback.
+- A request that carries both ``Content-Length`` and ``Transfer-Encoding`` is answered 400
+  and its connection closed (RFC 9112 §6.1). h11 frames it by the second; a proxy in front
+  that frames it by the first would pass what h11 reads as a second request (smuggling).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import time
 from typing import Any
 
 import structlog
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
@@ -46,6 +51,26 @@ def refusal_bytes(detail: str, retry_after_s: int) -> bytes:
 
 
 _OUT_OF_FDS = refusal_bytes("the gateway is out of connections; retry later", 10)
+
+
+class RefuseAmbiguousFraming:
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = {name for name, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                # "Connection: close" makes h11, and so uvicorn, close after this answer:
+                # whatever follows on the connection is never read as a request.
+                refusal = JSONResponse(
+                    {"detail": "a request may not carry both Content-Length and Transfer-Encoding"},
+                    status_code=400,
+                    headers={"Connection": "close"},
+                )
+                await refusal(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
 
 
 def header_timeout_protocol(header_timeout_s: float) -> type[H11Protocol]:

@@ -33,7 +33,7 @@ def warm(services: Services, connections: int) -> float:
     Best effort: a failure is logged and the worker starts all the same (the first job then
     pays what is left, as before)."""
     started = time.perf_counter()
-    for step in (_redis, _scripts, _pillow, _models):
+    for step in (_redis, _scripts, _generator, _pillow, _models):
         try:
             step(services, connections)
         except Exception as exc:
@@ -72,6 +72,12 @@ def _scripts(services: Services, _: int) -> None:
     for source in (Lock.LUA_RELEASE_SCRIPT, Lock.LUA_REACQUIRE_SCRIPT):
         pipe.script_load(source)
     pipe.execute()
+
+
+def _generator(services: Services, connections: int) -> None:
+    # A connection to Replicate for each task at once: over TLS, each is a handshake of
+    # several round trips that the first job's images would otherwise make as they create.
+    services.generator.warm(connections)
 
 
 def _pillow(_: Services, __: int) -> None:

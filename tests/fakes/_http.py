@@ -43,6 +43,7 @@ class RecordedRequest:
     body: bytes
     timestamp: float  # time.monotonic() when the request was read
     route: str  # route kind, e.g. "create", "upload", or "unknown"
+    client_port: int = 0  # the connection's, on the client's side: one per connection
 
     def json(self) -> JSONValue:
         return json.loads(self.body) if self.body else None
@@ -290,6 +291,7 @@ class FakeHTTPServer:
             body=body,
             timestamp=time.monotonic(),
             route=route,
+            client_port=h.client_address[1],
         )
         with self._lock:
             self._requests.append(req)

@@ -27,6 +27,8 @@ Routes (what the real client sends; all JSON, ``Authorization: Bearer <token>``)
   ``next`` an absolute URL with a cursor, each entry the whole prediction (``input`` included).
 * ``GET /v1/predictions/{id}`` -- ``predictions.get``, ``Prediction.reload`` and ``.wait``.
 * ``POST /v1/predictions/{id}/cancel`` -- ``predictions.cancel`` / ``Prediction.cancel``.
+* ``GET /v1/account`` -- ``accounts.current()``: the token's account (``type``, ``username``,
+  ``name``, ``github_url``); the worker's warm-up opens its connections with it.
 * ``GET /files/{id}.png`` -- output download (no auth).  ``FileOutput.read()`` GETs the
   absolute URL with the client's httpx client.  NB: ``client.run`` only wraps outputs that start
   with ``https:``/``data:`` in ``FileOutput``, so against this http:// fake it returns strings.
@@ -164,6 +166,7 @@ class FakeReplicate(FakeHTTPServer):
             ("GET", rf"/v1/predictions/{_PID}/?", "get", self._get),
             ("POST", rf"/v1/predictions/{_PID}/cancel/?", "cancel", self._cancel),
             ("GET", rf"/v1/models/{_OWN}/versions/(?P<vid>[^/]+)/?", "version", self._version),
+            ("GET", r"/v1/account/?", "account", self._account),
             ("GET", r"/files/(?P<file>[^/]+)", "file", self._file),
         ]
         self._routes = [Route(m, re.compile(p), kind, fn) for m, p, kind, fn in routes]
@@ -465,6 +468,12 @@ class FakeReplicate(FakeHTTPServer):
         schema = {"openapi": "3.0.2", "components": {"schemas": {"Output": output}}}
         version = {"id": vid, "created_at": "2023-07-26T17:53:09.882651Z", "cog_version": "0.8.6"}
         return json_response(200, {**version, "openapi_schema": schema})
+
+    def _account(self, req: RecordedRequest, m: re.Match[str]) -> Response:
+        if err := self._auth_error(req):
+            return err
+        account = {"type": "organization", "username": "acme", "name": "Acme"}
+        return json_response(200, {**account, "github_url": None})
 
     def _file(self, req: RecordedRequest, m: re.Match[str]) -> Response:
         name = unquote(m["file"])

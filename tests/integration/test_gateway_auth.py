@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -255,6 +257,43 @@ def test_the_log_holds_no_token_and_no_long_path(door: Door) -> None:
     assert token not in text and "token=" not in text
     assert SECRETS.split(",")[0] not in text
     assert all(len(line) < 1000 for line in text.splitlines())
+
+
+def exchange(url: str, raw: bytes) -> bytes:
+    """Everything the gateway sends back on one connection for ``raw``, until it closes it
+    (or goes quiet for a second, the connection still open)."""
+    parts = urlsplit(url)
+    received = b""
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(raw)
+        sock.settimeout(1)
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+    return received
+
+
+def test_a_request_framed_two_ways_is_refused_and_nothing_behind_it_answered(door: Door) -> None:
+    """Content-Length and Transfer-Encoding together: a proxy in front that reads the first
+    and this gateway (h11) that reads the second disagree on where the request ends, and what
+    one sees as a body the other runs as a request of its own (smuggling). RFC 9112 §6.1: the
+    server must close the connection after answering; it is refused, 400, and closed."""
+    job = door.jobs[0]
+    smuggled = f"GET /jobs/{job}?token={job_token(job)} HTTP/1.1\r\nHost: gw\r\n\r\n"
+    raw = (
+        "GET /healthz HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled
+    ).encode()
+    answer = exchange(door.url, raw)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"Content-Length and Transfer-Encoding" in answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # the smuggled request was never read
+    # Either alone is no ambiguity: a chunked request is served, and so is the next one.
+    chunked = "GET /healthz HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    answer = exchange(door.url, (chunked + "GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n").encode())
+    assert answer.count(b"HTTP/1.1 200 ") == 2, answer
 
 
 def test_a_production_gateway_without_a_secret_does_not_start(tmp_path) -> None:

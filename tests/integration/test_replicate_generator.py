@@ -9,11 +9,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
+from tests.fakes._http import Fault
 from tests.fakes.replicate_server import FakeReplicate
 from worker import constants as c
 from worker.errors import (
@@ -460,3 +463,37 @@ def create_directly(generator: ReplicateImageGenerator, request: GenerationReque
         until=time.monotonic() + 5,
     )
     return prediction.id
+
+
+def test_the_warm_up_opens_one_connection_per_slot_and_the_creates_use_them(
+    generator, fake, request_for
+) -> None:
+    generator.warm(3)
+    opened = {r.client_port for r in fake.requests_for("account")}
+    assert len(opened) == 3
+    images = [
+        replace(request_for(prompt=f"street {n}"), image_id=f"s{n}", image_key=f"scene_s{n}")
+        for n in range(3)
+    ]
+    threads = [threading.Thread(target=generator.generate, args=(image,)) for image in images]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    creates = fake.requests_for("create")
+    assert len(creates) == 3 and {r.client_port for r in creates} <= opened
+
+
+def test_a_warm_up_refused_or_unanswered_is_logged_and_the_start_goes_on(
+    fake, token, checkpoints, monkeypatch
+) -> None:
+    wrong = build(fake, "r8_" + secrets.token_hex(16), checkpoints, monkeypatch)
+    with capture_logs() as lines:
+        wrong.warm(2)  # 401s
+        # A server that answers after the warm-up's own limit (3 s): had the warm-up waited
+        # for it, both would have been answered.
+        fake.inject("account", Fault(delay=5), times=2)
+        build(fake, token, checkpoints, monkeypatch).warm(2)
+    warnings = [line for line in lines if line["event"] == "replicate_warmup_incomplete"]
+    assert [line["answered"] for line in warnings] == [0, 0]
+    assert token not in repr(lines)

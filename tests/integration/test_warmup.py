@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +14,15 @@ from typing import Any
 
 import redis
 
-from tasks.harness import JobRunner, WorkerProcess, bare_client, local_worker_env
+from tasks.harness import (
+    JobRunner,
+    WorkerProcess,
+    bare_client,
+    local_worker_env,
+    replicate_worker_env,
+)
 from tasks.localredis import RedisServer
+from tests.fakes.replicate_server import FakeReplicate, PredictionPlan
 
 
 def worker_connections(client: redis.Redis, pid: int) -> set[int]:
@@ -71,4 +79,32 @@ def test_the_first_job_after_a_start_opens_no_connection(
             assert not opened, [e for e in client.client_list() if int(e["id"]) in opened]
         finally:
             client.close()
+            worker.stop()
+
+
+def test_on_the_replicate_path_the_first_jobs_creates_ride_connections_opened_at_start(
+    tmp_path: Path, load_plan: Callable[..., dict[str, Any]]
+) -> None:
+    """Each connection to Replicate is a TLS handshake (several round trips) that the first
+    job's creates would otherwise make; the worker opens one per slot as it starts."""
+    token = "r8_" + secrets.token_hex(16)
+    plan = PredictionPlan(duration=0.3, starting_for=0.1, predict_time=0.2)
+    with RedisServer() as server, FakeReplicate(api_token=token, default_plan=plan) as fake:
+        env = replicate_worker_env(server.url, tmp_path / "storage", fake.url, token)
+        env.update(REFERENCE_GEN_CONCURRENCY="4")
+        worker = WorkerProcess(env, tmp_path / "worker.log", "warm").start(bare_client(server.url))
+        try:
+            deadline = time.monotonic() + 20
+            while len(warm := fake.requests_for("account")) < 4:
+                assert time.monotonic() < deadline, [r.route for r in fake.requests]
+                time.sleep(0.1)
+            opened = {r.client_port for r in warm}
+            assert len(opened) == 4, "each slot's connection is its own"
+            run = JobRunner(server.url)(load_plan("typical_2x2"))
+            assert run.result is not None and run.result["status"] == "success"
+            creates = fake.requests_for("create")
+            assert len(creates) == 4
+            assert {r.client_port for r in creates} <= opened
+            assert len(fake.requests_for("account")) == 4  # at start only
+        finally:
             worker.stop()

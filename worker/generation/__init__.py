@@ -91,3 +91,8 @@ class ImageGenerator(Protocol):
         """At the job's end: paid calls whose answer was lost and that no attempt took over,
         stopped, with their bills as (image key, bill), for the ledger."""
         ...
+
+    def warm(self, connections: int) -> None:
+        """At the worker's start: open what ``connections`` images at once would otherwise
+        open on the first job (connections to the image service). Best effort, never paid."""
+        ...

@@ -81,6 +81,9 @@ class LocalImageGenerator:
     ) -> list[tuple[str, Bill]]:
         return []  # no call of it is paid remotely, so no answer of one can be lost
 
+    def warm(self, connections: int) -> None:
+        pass  # nothing to connect to
+
 
 @functools.lru_cache(maxsize=128)
 def render_png(prompt: str, palette: tuple[str, ...], size: int = c.IMAGE_SIZE) -> bytes:

@@ -77,6 +77,8 @@ _IN_TRANSIT_S = 5.0
 _TOO_LATE_S = 0.5
 # Requests made after a deadline (reading a verdict, cancelling) still get this long.
 _AFTERMATH_S = 10.0
+# The worker's start waits at most this long for its connections to Replicate (warm()).
+_WARM_WITHIN_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,16 @@ class ReplicateImageGenerator:
             budget=budget,
             http_timeout_s=http_timeout_s,
         )
+
+    def warm(self, connections: int) -> None:
+        answered = self._api.open_connections(connections, within_s=_WARM_WITHIN_S)
+        if answered < connections:
+            log.warning(
+                "replicate_warmup_incomplete",
+                answered=answered,
+                connections=connections,
+                action="the first images open their own connections",
+            )
 
     def model_input(self, request: GenerationRequest) -> dict[str, Any]:
         return {

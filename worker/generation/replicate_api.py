@@ -13,8 +13,12 @@ Every library exception leaves this module as one of ours (``worker.errors``).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -133,6 +137,42 @@ class ReplicateApi:
                     continue  # one odd entry is no reason to stop looking
             following = page.get("next") if isinstance(page, dict) else None
             url = following if isinstance(following, str) and following else None
+
+    def open_connections(self, count: int, *, within_s: float) -> int:
+        """Leave ``count`` connections to the API open in the client's pool, each opened by a
+        request for the account (``GET /v1/account``: small, and counted with the reads, not
+        the creates). The requests are held open together, so that each takes a connection of
+        its own. Returns how many the API answered 200; never raises."""
+        if count < 1:
+            return 0
+        until = time.monotonic() + within_s
+        timeout = httpx.Timeout(within_s, connect=min(within_s, self._timeout.connect or within_s))
+        together = threading.Barrier(count, timeout=within_s)
+
+        def one(_: int) -> bool:
+            extensions = {DEADLINE_EXTENSION: until, ADMITTED_EXTENSION: False}
+            try:
+                request = self._http.build_request(
+                    "GET", "/v1/account", extensions=extensions, timeout=timeout
+                )
+                response = self._http.send(request, stream=True)
+            except (httpx.HTTPError, RefgenError):
+                together.abort()
+                return False
+            with contextlib.suppress(threading.BrokenBarrierError):
+                together.wait()  # each answer held unread, its connection with it
+            try:
+                # Read to its end, which puts the connection back in the pool, open (one
+                # closed mid-answer would be dropped).
+                response.read()
+            except httpx.HTTPError:
+                return False
+            finally:
+                response.close()
+            return response.status_code == 200
+
+        with ThreadPoolExecutor(count, thread_name_prefix="replicate-warmup") as pool:
+            return sum(pool.map(one, range(count)))
 
     def _send(
         self, method: str, url: str, *, until: float, admitted: bool = False, **kwargs: Any
