@@ -7,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -30,8 +31,10 @@ class RedisServer:
         appendonly: bool = False,
         data_dir: Path | None = None,
         password: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = port or free_port()
+        self.extra_args = list(extra_args)  # more directives, e.g. compose's ACL users
         self.password = password  # requirepass, as compose's Redis has one
         self.appendonly = appendonly
         self._own_dir = data_dir is None
@@ -65,6 +68,7 @@ class RedisServer:
                 "--dir",
                 str(self.data_dir),
                 *(["--requirepass", self.password] if self.password else []),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

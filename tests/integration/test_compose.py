@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+import redis
 import yaml
 
 from gateway.auth import mint
@@ -187,7 +188,8 @@ def test_redis_keeps_an_append_only_file_on_a_volume() -> None:
 def test_services_start_once_redis_is_healthy(name: str) -> None:
     spec = service(name)
     assert spec["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert environment(name)["REDIS_URL"] == "redis://redis:6379/0"
+    user = "gateway@" if name == "gateway" else ""
+    assert environment(name)["REDIS_URL"] == f"redis://{user}redis:6379/0"
 
 
 def test_one_image_is_built_and_every_refgen_service_runs_it() -> None:
@@ -206,9 +208,10 @@ BACKEND_SETTINGS = {
     "GENERATOR_BACKEND",
     "STORAGE_BACKEND",
 }
-# What compose requires of every host (`:?`): Redis's password and the gateway's token secret.
+# What compose requires of every host (`:?`): Redis's passwords and the gateway's token secret.
 REQUIRED = {
     "REDIS_PASSWORD": "test-only-redis-password",
+    "GATEWAY_REDIS_PASSWORD": "test-only-gateway-redis-password",
     "GATEWAY_JWT_SECRET": "test-only-gateway-secret-0123456789abcdef",
 }
 HOST_SECRETS = {
@@ -231,7 +234,11 @@ def test_every_service_shares_the_base_environment() -> None:
     }
     for name in APP_SERVICES:
         env = environment(name)
-        assert {k: env.get(k) for k in base} == base, name
+        # The gateway logs in to Redis as its own user (test_the_gateway_may_only_read).
+        own = {"REDIS_URL", "REDIS_PASSWORD"} if name == "gateway" else set()
+        assert {k: env.get(k) for k in base if k not in own} == {
+            k: v for k, v in base.items() if k not in own
+        }, name
 
 
 def test_the_backends_and_their_secrets_go_to_the_worker_alone() -> None:
@@ -239,7 +246,7 @@ def test_the_backends_and_their_secrets_go_to_the_worker_alone() -> None:
     hold the service-role key, even when the host has every secret set."""
     assert set(environment("worker")) >= BACKEND_SETTINGS
     worker = container_env("worker", HOST_SECRETS)
-    theirs = {k: v for k, v in HOST_SECRETS.items() if k != "GATEWAY_JWT_SECRET"}
+    theirs = {k: v for k, v in HOST_SECRETS.items() if not k.startswith("GATEWAY_")}
     assert {k: worker[k] for k in theirs} == theirs
     for name in sorted(set(APP_SERVICES) - {"worker"}):
         env = container_env(name, HOST_SECRETS)
@@ -259,7 +266,7 @@ def test_no_secret_is_written_in_the_file() -> None:
                 continue
             reference = _REFERENCE.fullmatch(str(value))
             assert reference, f"{name}: {key} must come from the host (${{{key}}}), not the file"
-            assert reference["name"] == key
+            assert reference["name"] in (key, f"{name.upper()}_{key}"), (name, key)
             if (reference["op"] or "").endswith("-"):
                 assert reference["arg"] == "", f"{name}: {key} has a literal default"
     assert seen >= 3  # the Replicate token and the Supabase key (worker), Flower's credentials
@@ -283,15 +290,21 @@ def test_redis_has_a_password_that_every_service_uses() -> None:
         container_env("worker", {})  # compose refuses to start without it
     assert "--requirepass" in " ".join(service("redis")["command"])
     assert container_env("redis", REQUIRED)["REDISCLI_AUTH"] == REQUIRED["REDIS_PASSWORD"]
-    for name in APP_SERVICES:
+    for name in sorted(set(APP_SERVICES) - {"gateway"}):
         assert container_env(name, REQUIRED)["REDIS_PASSWORD"] == REQUIRED["REDIS_PASSWORD"]
+    # The gateway has its own, and never the one that may write.
+    gateway = container_env("gateway", REQUIRED)
+    assert gateway["REDIS_PASSWORD"] == REQUIRED["GATEWAY_REDIS_PASSWORD"]
+    assert REQUIRED["REDIS_PASSWORD"] not in gateway.values()
+    with pytest.raises(ValueError, match="GATEWAY_REDIS_PASSWORD"):
+        container_env("redis", {"REDIS_PASSWORD": REQUIRED["REDIS_PASSWORD"]})
 
 
 def test_the_gateway_needs_its_token_secret_and_alone_holds_it() -> None:
     """Compose's gateway served every job to whoever reached its port while ENVIRONMENT was
     left at development (the default): compose now refuses to start without the secret."""
     with pytest.raises(ValueError, match="GATEWAY_JWT_SECRET"):
-        container_env("gateway", {"REDIS_PASSWORD": REQUIRED["REDIS_PASSWORD"]})
+        container_env("gateway", {k: v for k, v in REQUIRED.items() if "JWT" not in k})
     secret = REQUIRED["GATEWAY_JWT_SECRET"]
     assert container_env("gateway", REQUIRED)["GATEWAY_JWT_SECRET"] == secret
     for name in sorted(SERVICES - {"gateway"}):
@@ -409,6 +422,24 @@ def shims(folder: Path) -> Path:
     return folder
 
 
+def compose_redis_args(host: Mapping[str, str], folder: Path) -> list[str]:
+    """The arguments compose's Redis command gives redis-server, worked out by its own shell
+    (the gateway user's password hashed as it is there), for a redis-server of ours."""
+    folder.mkdir()
+    entrypoint = folder / "docker-entrypoint.sh"
+    entrypoint.write_text('#!/bin/sh\nshift\nprintf "%s\\0" "$@"\n')  # all after redis-server
+    entrypoint.chmod(0o755)
+    kind, flag, script = service("redis")["command"]
+    assert (kind, flag) == ("sh", "-c")
+    shell = subprocess.run(
+        ["/bin/sh", "-c", interpolate(script, {})],
+        env={"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}", **container_env("redis", host)},
+        capture_output=True,
+        check=True,
+    )
+    return shell.stdout.decode().split("\0")[:-1]
+
+
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     # Nothing set on the host but what compose requires and Flower's credentials: the
@@ -420,13 +451,16 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             *_, published, target = interpolate(str(mapping), host).split(":")
             ports[int(published)] = ports[int(target)] = ports.get(int(target)) or free_port()
     bin_dir = shims(tmp_path / "bin")
+    redis_args = compose_redis_args(host, tmp_path / "entrypoint")
 
-    with RedisServer(password=REQUIRED["REDIS_PASSWORD"]) as redis_server:
+    with RedisServer(password=REQUIRED["REDIS_PASSWORD"], extra_args=redis_args) as redis_server:
 
         def localize(text: str) -> str:
             # Published and container ports first, before any path or port of ours is in.
             text = re.sub(r"(?<!\d)\d{4,5}(?!\d)", lambda m: str(ports.get(int(m[0]), m[0])), text)
-            text = text.replace("redis://redis:6379", f"redis://127.0.0.1:{redis_server.port}")
+            text = re.sub(
+                r"(redis://(?:\w+@)?)redis:6379", rf"\g<1>127.0.0.1:{redis_server.port}", text
+            )
             return text.replace("/data/", f"{tmp_path}/data/").replace("0.0.0.0", "127.0.0.1")
 
         def env(name: str) -> dict[str, str]:
@@ -543,6 +577,7 @@ def test_the_stack_runs_as_composed(stack: Stack, load_plan) -> None:
     assert status == 200 and plan["job_id"].encode() in page
     status, body = fetch(f"{gateway}/healthz")
     assert (status, json.loads(body)) == (200, {"ok": True})
+    the_gateway_may_only_read(stack, gateway, plan["job_id"])
 
     # Flower asks for its password; its healthcheck still answers without.
     flower = f"http://127.0.0.1:{stack.ports[5555]}"
@@ -551,6 +586,45 @@ def test_the_stack_runs_as_composed(stack: Stack, load_plan) -> None:
     assert fetch(f"{flower}/")[0] == 401
     assert fetch(f"{flower}/api/workers", auth="ops:test-only-flower-pw")[0] == 200
     assert fetch(f"{flower}/healthcheck") == (200, b"OK")
+
+
+def the_gateway_may_only_read(stack: Stack, gateway: str, job_id: str) -> None:
+    """The gateway, logged in to compose's Redis as its own user, serves every route; that
+    user is refused every write but the backlog's first-seen hash."""
+    secret = REQUIRED["GATEWAY_JWT_SECRET"]
+    token = mint(secret, job_id=job_id, expires=int(time.time()) + 60)
+    status, replay = fetch(f"{gateway}/jobs/{job_id}/events", token=token)
+    assert status == 200 and b"stage_update" in replay and b'"completed"' in replay, replay[-300:]
+    operator = mint(secret, operator=True, expires=int(time.time()) + 60)
+    status, index = fetch(f"{gateway}/", token=operator)
+    assert status == 200 and job_id.encode() in index
+    status, metrics = fetch(f"{gateway}/metrics", token=operator)
+    assert status == 200 and b"refgen_" in metrics
+    admin = redis.Redis.from_url(stack.redis.url)
+    gateway_user = redis.Redis(
+        port=stack.redis.port, username="gateway", password=REQUIRED["GATEWAY_REDIS_PASSWORD"]
+    )
+    try:
+        assert admin.acl_log() == [], admin.acl_log()  # nothing the gateway did was refused
+        assert gateway_user.exists(f"celery-task-meta-{job_id}") == 1
+        writes: list[Callable[[], object]] = [
+            lambda: gateway_user.set(f"refgen:job:{{{job_id}}}:meta", "x"),
+            lambda: gateway_user.lpush("reference_generator", "{}"),
+            lambda: gateway_user.xadd(f"refgen:events:{{{job_id}}}", {"a": "b"}),
+            lambda: gateway_user.publish(f"job_events:{job_id}", "{}"),
+            lambda: gateway_user.hset("refgen:metrics", "x", 1),
+            lambda: gateway_user.flushall(),
+            lambda: gateway_user.keys("*"),
+            lambda: gateway_user.config_get("*"),
+            lambda: gateway_user.eval("return redis.call('del', KEYS[1])", 1, "refgen:metrics"),
+        ]
+        for write in writes:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                write()
+        assert gateway_user.hsetnx("refgen:backlog:first-seen", "t", "1") in (0, 1)
+    finally:
+        admin.close()
+        gateway_user.close()
 
 
 def test_healthchecks_fail_when_their_own_service_is_gone(stack: Stack) -> None:
