@@ -60,7 +60,7 @@ from gateway.feed import EventFeed, FeedOptions, FeedTimer
 from gateway.headers import SecurityHeaders, origin_of
 from gateway.limits import Refusal, StreamLimits, effective_cap
 from gateway.pages import STATIC, escape, index_page, load_templates, template, unavailable_page
-from gateway.stream import is_stream_id, stream_client
+from gateway.stream import WITHOUT_CLIENT_SETINFO, is_stream_id, stream_client
 from gateway.stream_metrics import StreamMetrics
 from worker import constants as c
 from worker.backlog import BacklogCollector
@@ -103,6 +103,7 @@ def request_client(endpoint: RedisEndpoint) -> aioredis.Redis:
         socket_timeout=_REQUEST_TIMEOUT_S,
         socket_connect_timeout=_REQUEST_TIMEOUT_S,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        **WITHOUT_CLIENT_SETINFO,
     )
 
 
@@ -112,6 +113,7 @@ def metrics_client(endpoint: RedisEndpoint) -> redis.Redis:
         decode_responses=True,
         socket_timeout=_REQUEST_TIMEOUT_S,
         socket_connect_timeout=_REQUEST_TIMEOUT_S,
+        **WITHOUT_CLIENT_SETINFO,
     )
 
 

@@ -65,6 +65,12 @@ def is_final(message: dict[str, Any]) -> bool:
     )
 
 
+# Compose's Redis user for the gateway may not run CLIENT SETINFO, which redis-py sends on each
+# new connection (and ignores if refused): Redis 7.2 and later would log every refusal in its
+# ACL log, where an operator looks for what the gateway was refused. It is not sent.
+WITHOUT_CLIENT_SETINFO: dict[str, Any] = {"driver_info": None}
+
+
 def stream_client(endpoint: RedisEndpoint) -> aioredis.Redis:
     """The client that blocks on job streams: its socket timeout outlasts every block. Through
     Sentinel, each reconnection asks where the primary is, so a stream follows a failover."""
@@ -74,6 +80,7 @@ def stream_client(endpoint: RedisEndpoint) -> aioredis.Redis:
         socket_connect_timeout=3,
         # Retrying is the stream's (below), with a backoff that lasts while the client does.
         retry=Retry(NoBackoff(), 0),
+        **WITHOUT_CLIENT_SETINFO,
     )
 
 

@@ -8,8 +8,9 @@ import warnings
 import fakeredis
 import pytest
 
-from gateway.app import create_app
+from gateway.app import create_app, metrics_client, request_client
 from gateway.auth import mint
+from gateway.stream import stream_client
 from worker.errors import ConfigurationError
 from worker.settings import Settings
 
@@ -72,3 +73,13 @@ def test_which_settings_ask_for_tokens() -> None:
         client(environment="production")
     with pytest.raises(ConfigurationError):
         client(gateway_auth="on")
+
+
+def test_the_gateways_redis_clients_do_not_send_client_setinfo() -> None:
+    """Compose's Redis user for the gateway may not run it (docker-compose.yml); Redis 7.2+
+    would log every connection's refusal in the ACL log."""
+    endpoint = Settings(redis_url="redis://gateway@127.0.0.1:1/0").redis_endpoint()
+    for client in (request_client(endpoint), stream_client(endpoint), metrics_client(endpoint)):
+        connection = client.connection_pool.make_connection()
+        assert connection.driver_info is None
+        assert client.connection_pool.connection_kwargs["username"] == "gateway"
