@@ -497,3 +497,13 @@ def test_a_warm_up_refused_or_unanswered_is_logged_and_the_start_goes_on(
     warnings = [line for line in lines if line["event"] == "replicate_warmup_incomplete"]
     assert [line["answered"] for line in warnings] == [0, 0]
     assert token not in repr(lines)
+
+
+def test_a_warm_up_throttled_does_not_wait_out_the_retry_after(generator, fake) -> None:
+    """The client's transport retries a GET answered 429 after its Retry-After (up to a
+    minute); the worker's start does not wait for that retry."""
+    fake.inject("account", Fault(status=429, headers={"Retry-After": "5"}), times=2)
+    with capture_logs() as lines:
+        generator.warm(2)
+    assert [line["answered"] for line in lines if "answered" in line] == [0]
+    assert len(fake.requests_for("account")) == 2  # returned before either retry was sent

@@ -18,7 +18,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -35,6 +35,8 @@ from worker.ratelimit import ADMITTED_EXTENSION, DEADLINE_EXTENSION, parse_retry
 log = structlog.get_logger(__name__)
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+# Past its limit, how long the warm-up gives its requests to hand their connections back.
+_WARM_GRACE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class ReplicateApi:
         """Leave ``count`` connections to the API open in the client's pool, each opened by a
         request for the account (``GET /v1/account``: small, and counted with the reads, not
         the creates). The requests are held open together, so that each takes a connection of
-        its own. Returns how many the API answered 200; never raises."""
+        its own. Returns how many the API answered 200 within ``within_s``; never raises."""
         if count < 1:
             return 0
         until = time.monotonic() + within_s
@@ -171,8 +173,13 @@ class ReplicateApi:
                 response.close()
             return response.status_code == 200
 
-        with ThreadPoolExecutor(count, thread_name_prefix="replicate-warmup") as pool:
-            return sum(pool.map(one, range(count)))
+        # Not waited for past the limit: the client's own transport retries a read answered
+        # 429 or 503 after its Retry-After (up to a minute), which the start must not wait out.
+        pool = ThreadPoolExecutor(count, thread_name_prefix="replicate-warmup")
+        started = [pool.submit(one, n) for n in range(count)]
+        done, _ = wait(started, timeout=within_s + _WARM_GRACE_S)
+        pool.shutdown(wait=False)
+        return sum(1 for future in done if future.exception() is None and future.result())
 
     def _send(
         self, method: str, url: str, *, until: float, admitted: bool = False, **kwargs: Any
