@@ -234,7 +234,7 @@ def test_every_service_shares_the_base_environment() -> None:
     }
     for name in APP_SERVICES:
         env = environment(name)
-        # The gateway logs in to Redis as its own user (test_the_gateway_may_only_read).
+        # The gateway logs in to Redis as its own user (the_gateway_may_only_read, below).
         own = {"REDIS_URL", "REDIS_PASSWORD"} if name == "gateway" else set()
         assert {k: env.get(k) for k in base if k not in own} == {
             k: v for k, v in base.items() if k not in own
