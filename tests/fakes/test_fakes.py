@@ -154,6 +154,18 @@ def test_bad_token_is_401_problem(fake_replicate: FakeReplicate):
     assert "authentication token" in (info.value.detail or "")
 
 
+def test_the_account_through_the_official_client(fake_replicate: FakeReplicate, rc):
+    """``accounts.current()`` (GET /v1/account), which the worker's warm-up sends: the token's
+    account, and a 401 problem for a wrong token; each request records its connection's port."""
+    account = rc.accounts.current()
+    assert (account.type, account.username) == ("organization", "acme")
+    with pytest.raises(ReplicateError) as info:
+        make_client(fake_replicate, token="wrong").accounts.current()
+    assert info.value.status == 401
+    ports = [r.client_port for r in fake_replicate.requests_for("account")]
+    assert len(ports) == 2 and all(port > 0 for port in ports)
+
+
 def test_429_and_retry_after_via_event_hook(fake_replicate: FakeReplicate):
     seen: list[str | None] = []
 
