@@ -1,4 +1,5 @@
-"""Fixtures shared by every test: a private redis-server and sample plans."""
+"""Fixtures shared by every test: a private redis-server and sample plans; the tests that
+collect a background scenario's outcome run last."""
 
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ from tasks.localredis import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = ROOT / "examples" / "plans"
+
+# Session fixtures whose scenarios start with the session and run beside the other tests
+# (tests/integration/background.py).
+_BACKGROUND = {"campaign", "provider_limit", "installed_wheel"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that wait for a background scenario's outcome go last, in their order: run
+    where they were collected, the first of them held every test after it until the whole
+    crash campaign had finished, where the others can run beside it."""
+    waits = [bool(_BACKGROUND & set(getattr(item, "fixturenames", ()))) for item in items]
+    items[:] = [i for i, w in zip(items, waits, strict=True) if not w] + [
+        i for i, w in zip(items, waits, strict=True) if w
+    ]
 
 
 @pytest.fixture(scope="session")
