@@ -27,10 +27,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that wait for a background scenario's outcome go last, in their order: run
     where they were collected, the first of them held every test after it until the whole
     crash campaign had finished, where the others can run beside it."""
-    waits = [bool(_BACKGROUND & set(getattr(item, "fixturenames", ()))) for item in items]
-    items[:] = [i for i, w in zip(items, waits, strict=True) if not w] + [
-        i for i, w in zip(items, waits, strict=True) if w
-    ]
+    items.sort(key=lambda item: bool(_BACKGROUND & set(getattr(item, "fixturenames", ()))))
 
 
 @pytest.fixture(scope="session")
