@@ -91,12 +91,26 @@ class CostLedger:
                 requested=money(estimate),
             )
 
-    def reserve(self, job_id: str, image_key: str, amount: Decimal) -> None:
-        """Hold ``amount`` for one image before its paid call. Idempotent per image."""
-        ok, spent, reserved = self._reserve(
-            keys=self._keys(job_id)[:2], args=[image_key, to_nano(amount), self._ttl]
-        )
-        if not ok:
+    def reserve(
+        self,
+        job_id: str,
+        image_key: str,
+        amount: Decimal,
+        *,
+        while_held: tuple[str, bytes] | None = None,
+    ) -> bool:
+        """Hold ``amount`` for one image before its paid call. Idempotent per image.
+        ``while_held``: a key and the value it must hold for the hold to be made, checked in
+        the same step (an image's lock and its token); False when it did not hold it."""
+        keys = self._keys(job_id)[:2]
+        args: list[str | bytes | int] = [image_key, to_nano(amount), self._ttl]
+        if while_held is not None:
+            keys.append(while_held[0])
+            args.append(while_held[1])
+        held, spent, reserved = self._reserve(keys=keys, args=args)
+        if int(held) < 0:
+            return False
+        if not held:
             totals = self.totals(job_id)
             raise BudgetExceededError(
                 f"Budget exceeded: ${money(from_nano(int(spent)))} spent and "
@@ -106,6 +120,7 @@ class CostLedger:
                 spent=money(from_nano(int(spent))),
                 requested=money(amount),
             )
+        return True
 
     def charge(
         self, job_id: str, image_key: str, ref: str, cost: Decimal, *, made_note: str = ""

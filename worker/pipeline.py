@@ -216,9 +216,12 @@ class ImagePipeline:
         # doomed since is stopped by the cancellation of its predictions).
         with tracing.span("refgen.prepare"):
             s.store_readiness.check()
-            if not s.locks.still_held(lock):
+            # Reserved only while the lock is this delivery's in Redis too, in the same step.
+            held = s.locks.token_if_held(lock)
+            if held is None or not s.ledger.reserve(
+                spec.job_id, spec.key, RESERVATION_PER_IMAGE, while_held=held
+            ):
                 raise DeliveryAbandoned("another delivery took this image over")
-            s.ledger.reserve(spec.job_id, spec.key, RESERVATION_PER_IMAGE)
         crash_point("image.after_reservation")
         try:
             with tracing.span("refgen.generate"):

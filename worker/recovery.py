@@ -190,7 +190,7 @@ class OrphanClock:
 class Holdings:
     """What this process holds: its deliveries' lease tokens and image locks. The heartbeat
     renews them; a lock the heartbeat finds taken over is dropped here, and its delivery sees
-    that before it pays again (``ImageLocks.still_held``)."""
+    that before it pays again (``ImageLocks.token_if_held``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -273,9 +273,14 @@ class ImageLocks:
         """True while some delivery of the image holds its lock."""
         return bool(self._redis.exists(c.JobKeys(job_id).image_lock(image_key)))
 
-    def still_held(self, lock: Lock) -> bool:
-        """True while this delivery's lock is its own, in Redis as well as here."""
-        return self._holdings.holds_lock(lock) and lock.owned()
+    def token_if_held(self, lock: Lock) -> tuple[str, bytes] | None:
+        """The lock's key and this delivery's token, for a write to check in the same step
+        that the lock is still this delivery's in Redis; None when this process already knows
+        it lost the lock (its heartbeat found it taken over)."""
+        token = lock.local.token
+        if not self._holdings.holds_lock(lock) or token is None:
+            return None
+        return str(lock.name), token
 
     def release(self, lock: Lock) -> None:
         self._holdings.drop_lock(lock)

@@ -66,6 +66,22 @@ def test_reserve_charge_release(ledger: CostLedger, job_id: str) -> None:
     ledger.reserve(job_id, "scene_c", Decimal("0.006"))  # room again
 
 
+def test_a_reservation_made_only_while_a_key_holds_its_token(
+    ledger: CostLedger, job_id: str, redis_client
+) -> None:
+    ledger.open(job_id, None)
+    lock = f"refgen:job:{{{job_id}}}:lock:scene_a"
+    redis_client.set(lock, b"mine")
+    assert ledger.reserve(job_id, "scene_a", Decimal("0.006"), while_held=(lock, b"mine"))
+    assert ledger.totals(job_id).reserved == Decimal("0.006")
+    redis_client.set(lock, b"theirs")  # taken over by another delivery
+    assert not ledger.reserve(job_id, "scene_b", Decimal("0.006"), while_held=(lock, b"mine"))
+    redis_client.delete(lock)  # expired
+    assert not ledger.reserve(job_id, "scene_c", Decimal("0.006"), while_held=(lock, b"mine"))
+    assert ledger.totals(job_id).reserved == Decimal("0.006")  # neither held anything
+    assert set(redis_client.hkeys(f"refgen:job:{{{job_id}}}:reservations")) == {"scene_a"}
+
+
 def test_a_paid_call_is_charged_once(ledger: CostLedger, job_id: str) -> None:
     ledger.open(job_id, None)
     ledger.reserve(job_id, "scene_a", Decimal("0.006"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from worker import constants as c
+from worker.errors import DeliveryAbandoned
 from worker.generation.local import LocalImageGenerator
 from worker.jobs import MadeImage, Recorded
 from worker.models import ImageOutcome, ImageSpec
@@ -95,6 +96,30 @@ def test_a_done_image_is_never_made_again(services: Services) -> None:
     assert again == first
     assert CountingGenerator.calls == 1
     assert services.ledger.totals(image.job_id).spent == Decimal("0.005")
+
+
+def test_a_delivery_whose_lock_was_taken_over_before_it_paid_pays_nothing(
+    services: Services, redis_client
+) -> None:
+    """Its lock expired (the worker froze) and another delivery took it, before this one's
+    heartbeat could notice: the reservation, which checks the lock in the same step, is
+    refused, and nothing is generated or charged."""
+    image = spec()
+    services.ledger.open(image.job_id, None)
+    held_here = services.locks.token_if_held
+
+    def taken_over_meanwhile(lock):  # type: ignore[no-untyped-def]
+        held = held_here(lock)
+        redis_client.set(str(lock.name), b"another delivery's token")
+        return held
+
+    services.locks.token_if_held = taken_over_meanwhile  # type: ignore[method-assign]
+    with pytest.raises(DeliveryAbandoned, match="took this image over"):
+        ImagePipeline(services).run(image, attempt=0)
+    assert CountingGenerator.calls == 0
+    totals = services.ledger.totals(image.job_id)
+    assert (totals.spent, totals.reserved) == (0, 0)
+    assert not redis_client.hlen(c.JobKeys(image.job_id).reservations)
 
 
 def test_transient_failure_asks_for_a_retry_in_2_s(services: Services, redis_client) -> None:

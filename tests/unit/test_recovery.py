@@ -161,7 +161,7 @@ def test_image_lock_admits_one_delivery_and_knows_when_it_was_lost(redis_client)
     first = ImageLocks(redis_client, 30, mine)
     second = ImageLocks(redis_client, 30, theirs)
     lock = first.try_acquire(key)
-    assert lock is not None and first.still_held(lock)
+    assert lock is not None and first.token_if_held(lock) == (key, lock.local.token)
     assert second.try_acquire(key) is None
     heartbeat = Heartbeat(Leases(redis_client, ttl_s=30), mine)
     redis_client.pexpire(key, 1000)  # a second left of it...
@@ -173,9 +173,10 @@ def test_image_lock_admits_one_delivery_and_knows_when_it_was_lost(redis_client)
     taken = second.try_acquire(key)
     assert taken is not None
     heartbeat.beat()  # the thawed holder's heartbeat finds out ...
-    assert not first.still_held(lock)  # ... and its delivery will not pay again
+    assert first.token_if_held(lock) is None  # ... and its delivery will not pay again
     first.release(lock)  # and its release does not free the new holder's lock
-    assert second.still_held(taken)
+    assert second.token_if_held(taken) == (key, taken.local.token)
+    assert redis_client.get(key).encode() == taken.local.token
 
 
 def test_heartbeat_reports_a_lease_taken_over(redis_client) -> None:
