@@ -225,7 +225,7 @@ def _lease_on_receipt(request: Any = None, **_: Any) -> None:
     if request is None or request.name not in _OUR_TASKS:
         return
     context = Context({**request.request_dict, "chord": request.chord})
-    _take(request.id, dict(request.task.signature_from_request(context)))
+    _take(request.id, as_sent(request.task, context))
 
 
 @task_prerun.connect
@@ -235,9 +235,27 @@ def _lease_on_start(task_id: str, task: Task, **_: Any) -> None:
     start_threads()
     token = services().holdings.lease_token(task_id)
     if token is None:  # prefork: the parent received it
-        token = _take(task_id, dict(task.signature_from_request(task.request)))
+        token = _take(task_id, as_sent(task, task.request))
     # This delivery's own token: what it may release, whatever else this process receives.
     task.request.refgen_lease_token = token
+
+
+_SHOWN_MAX = 1024  # Celery's own argsrepr_maxsize
+
+
+def as_sent(task: Task, request: Context) -> dict[str, Any]:
+    """The message as the watchdog would send it again, with the summary of its arguments its
+    sender gave for task events (``argsrepr``, ``kwargsrepr``; tasks/reference.py ``shown``):
+    Celery's signature leaves them out, and the re-sent message would show the image's whole
+    spec, prompt and all, in Flower."""
+    payload = dict(task.signature_from_request(request))
+    shown = {
+        name: text[:_SHOWN_MAX]  # the sender's text: cut as Celery cuts its own
+        for name in ("argsrepr", "kwargsrepr")
+        if isinstance(text := getattr(request, name, None), str) and text
+    }
+    payload["options"] = {**payload.get("options", {}), **shown}
+    return payload
 
 
 def _take(task_id: str, payload: dict[str, Any]) -> str:

@@ -105,15 +105,29 @@ def launch(job: JobPlan) -> None:
     header = group(
         [
             generate_reference.s(spec.model_dump(mode="json")).set(
-                task_id=f"{job.job_id}:{spec.key}", **images
+                task_id=f"{job.job_id}:{spec.key}", **images, **image_shown(spec)
             )
             for spec in job.images
         ]
     ).set(task_id=f"{job.job_id}:images")
-    callback = finalize.s(job.job_id).set(task_id=job.job_id, **priority(c.PRIORITY_TOP))
+    callback = finalize.s(job.job_id).set(
+        task_id=job.job_id, **priority(c.PRIORITY_TOP), **shown(f"(<outcomes>, {job.job_id!r})")
+    )
     crash_point("publish.start_chord")
     # A broker blip here must not strand the job: the same chord (same ids) is sent again.
     publish("publish.start_chord", lambda: chord(header)(callback))
+
+
+def shown(args: str) -> dict[str, str]:
+    """How a message's arguments appear in task events (Flower) and Celery's log lines: a
+    summary, not the whole spec. Celery would otherwise ``saferepr`` the arguments of every
+    message it sends, on the path of a job (``bench/latency.py``), and show every image's
+    prompt to whoever reads Flower."""
+    return {"argsrepr": args, "kwargsrepr": "{}"}
+
+
+def image_shown(spec: ImageSpec) -> dict[str, str]:
+    return shown(f"(<{spec.key} of job {spec.job_id}>,)")
 
 
 def priority(level: int) -> dict[str, int]:
@@ -148,7 +162,7 @@ def generate_reference(
         if isinstance(step, RetryIn):
             # A retry is due 2 s after its first attempt: it goes ahead of the fresh images
             # queued meanwhile, here and in the lease that may send it again.
-            top = priority(c.PRIORITY_TOP)
+            top = {**priority(c.PRIORITY_TOP), **image_shown(image)}
             retry = self.signature_from_request(
                 self.request, retries=self.request.retries + 1, **top
             )

@@ -174,6 +174,7 @@ def test_pool_process_sigkill_mid_generation(
     client = redis.Redis.from_url(broker.url, decode_responses=True)
     wait_for(lambda: client.hlen(LEASE_RECORDS) >= 2, 30, "both images to start")
     time.sleep(0.5)
+    assert_leases_resend_as_shown(client, plan["job_id"], images=2)  # taken by the children
     children = subprocess.run(
         ["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True, check=False
     ).stdout.split()
@@ -188,6 +189,21 @@ def test_pool_process_sigkill_mid_generation(
     assert_costs_add_up(run, broker, images=2)
 
 
+def assert_leases_resend_as_shown(client: redis.Redis, job_id: str, images: int) -> None:
+    """What the watchdog would send again for each image shows it as its first send did: its
+    summary, not its spec (no prompt in Flower after a re-send either)."""
+
+    def leased() -> dict[str, str]:
+        records = client.hgetall(LEASE_RECORDS)
+        return {t: r for t, r in records.items() if t.startswith(f"{job_id}:")}
+
+    wait_for(lambda: len(leased()) == images, 30, "every image leased")
+    for task_id, record in leased().items():
+        options = json.loads(record.split(" ", 1)[1])["options"]
+        key = task_id.removeprefix(f"{job_id}:")
+        assert (options["argsrepr"], options["kwargsrepr"]) == (f"(<{key} of job {job_id}>,)", "{}")
+
+
 def test_redis_restart_mid_job(env, broker, journal, tmp_path, workers, load_plan) -> None:
     runner = JobRunner(broker.url)
     start_worker(env, runner, tmp_path, "steady", workers)
@@ -197,6 +213,7 @@ def test_redis_restart_mid_job(env, broker, journal, tmp_path, workers, load_pla
     )
     client = redis.Redis.from_url(broker.url, decode_responses=True)
     wait_for(lambda: client.hlen(LEASE_RECORDS) >= 4, 30, "the images to start")
+    assert_leases_resend_as_shown(client, plan["job_id"], images=4)
     broker.stop()
     time.sleep(3)
     broker.start()

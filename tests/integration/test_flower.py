@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import pytest
 
 from tasks.harness import JobRunner, WorkerProcess, base_worker_env
 from tasks.localredis import RedisServer, free_port
+from worker.planning import plan_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,6 +235,14 @@ def test_flower_shows_the_worker_and_every_task_of_a_job(
     assert [task_id for task_id, _ in by_name[FINALIZE]] == [job_id]
     assert all(task_id.startswith(f"{job_id}:") for task_id, _ in by_name[GENERATE])
     assert job_id in by_name[START][0][1]["kwargs"]
+    # The messages refgen sends show what they are, not their specs: no prompt in Flower.
+    for task_id, task in by_name[GENERATE]:
+        key = task_id.removeprefix(f"{job_id}:")
+        assert (task["args"], task["kwargs"]) == (f"(<{key} of job {job_id}>,)", "{}")
+    assert by_name[FINALIZE][0][1]["args"] == f"(<outcomes>, {job_id!r})"
+    shown = " ".join(f"{t['args']} {t['kwargs']}" for _, t in by_name[GENERATE] + by_name[FINALIZE])
+    specs = plan_job(job_id, plan, None, max_images=50, per_minute=Decimal(200)).images
+    assert len(specs) == 4 and not [s.prompt for s in specs if s.prompt[:30] in shown]
 
     # Filters work as the UI uses them.
     assert set(flower.api(f"/api/tasks?taskname={GENERATE}")) == {t for t, _ in by_name[GENERATE]}
@@ -273,6 +283,7 @@ def test_flower_shows_a_failed_image_as_failure_with_its_reason_and_a_retry_as_r
     assert info["retried"] is not None and info["retries"] == 1
     flaky = flower.api(f"/api/task/info/{antagonist}")
     assert flaky["state"] == "SUCCESS" and flaky["retried"] is not None
+    assert flaky["args"] == f"(<character_antagonist of job {job_id}>,)"  # the retry's too
     assert "RetryableError('The image service is temporarily unavailable" in flaky["exception"]
     assert "Traceback" not in worker.log_path.read_text()  # an expected failure, one line
 
