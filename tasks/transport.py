@@ -9,16 +9,26 @@ through a transport that is gone: ``AttributeError: 'NoneType' object has no att
 when Redis restarted or failed over. Here the read of a broken ``BRPOP`` while closing counts
 as "nothing read", so the first close completes. The messages of running tasks stay in Redis's
 unacked set (restored after the visibility timeout) and their leases bring them back sooner.
+
+Two more pieces below: one Redis client per connection pool (``_OneSyncClient``), and, for the
+test-only crash switch alone, no new ``BRPOP`` once a crash is under way
+(``_TakesNoMoreBeforeACrash``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+import time
+import weakref
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker import crashpoints
 
 
 class _ClosesAfterLostPoll:
@@ -62,7 +72,37 @@ class _OneSyncClient:
         return cached
 
 
-class Channel(_OneSyncClient, _ClosesAfterLostPoll, kombu_redis.Channel):
+# This process's consuming channels (a forked pool process consumes nothing: it starts empty).
+_CONSUMING: weakref.WeakSet[Any] = weakref.WeakSet()
+_TAKING_NO_MORE = threading.Event()
+os.register_at_fork(after_in_child=_CONSUMING.clear)
+
+
+class _TakesNoMoreBeforeACrash:
+    """The test-only crash switch (worker/crashpoints.py) kills where refgen's state is half
+    written, not in kombu's window between a ``BRPOP`` and the unacked set (README:
+    Reliability, "One window is the broker's"): before it kills, no new ``BRPOP`` is sent."""
+
+    def _brpop_start(self, timeout: Any = None) -> Any:
+        if _TAKING_NO_MORE.is_set():
+            return None
+        _CONSUMING.add(self)
+        return super()._brpop_start(timeout)  # type: ignore[misc]
+
+
+def _settle_before_a_crash(within_s: float = 2.0) -> None:
+    """Stop asking the broker for messages, and wait until every ``BRPOP`` sent is read: the
+    message it may have taken is then in the unacked set, where a death does not lose it."""
+    _TAKING_NO_MORE.set()
+    until = time.monotonic() + within_s
+    while any(channel._in_poll for channel in list(_CONSUMING)) and time.monotonic() < until:
+        time.sleep(0.005)
+
+
+crashpoints.before_crash(_settle_before_a_crash)
+
+
+class Channel(_TakesNoMoreBeforeACrash, _OneSyncClient, _ClosesAfterLostPoll, kombu_redis.Channel):
     pass
 
 
@@ -70,7 +110,9 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-class SentinelChannel(_OneSyncClient, _ClosesAfterLostPoll, kombu_redis.SentinelChannel):
+class SentinelChannel(
+    _TakesNoMoreBeforeACrash, _OneSyncClient, _ClosesAfterLostPoll, kombu_redis.SentinelChannel
+):
     """The same, with the server found through Sentinel (README: Redis failover): a failover
     is a lost connection like a restart, and the reconnection asks the Sentinels again."""
 

@@ -14,6 +14,13 @@ file and waits until the test removes it (at most two minutes), so a test can fa
 else (a Redis primary) at that exact instant. The variables are read once, at import; unset,
 every call is one comparison with ``None``.
 
+A crash lands where refgen's own state is half-written, not in the broker's open window (README:
+Reliability): a message that kombu's ``BRPOP`` has taken off its queue but not yet recorded
+among the unacknowledged, which a death there loses whatever refgen does. So before it kills,
+the switch lets that settle: the worker's broker channels stop asking for messages, and a
+``BRPOP`` already sent is read to its end (at most its one-second timeout). The killing thread
+stays where it is, its state as the point left it.
+
 The points, in the order a job meets them, are listed in ``POINTS`` (README: Reliability).
 """
 
@@ -62,8 +69,19 @@ _HOLD_FILE = os.environ.get("REFGEN_HOLD_FILE") or None
 _HOLD_AT_MOST_S = 120.0
 
 
+# What must settle before a crash point kills (tasks/transport.py: the broker channel stops
+# taking messages, and the one it asked for is read first).
+_BEFORE_CRASH: list[Callable[[], None]] = []
+
+
+def before_crash(settle: Callable[[], None]) -> None:
+    _BEFORE_CRASH.append(settle)
+
+
 def crash_point(name: str) -> None:
     if _CRASH_AT is not None and name == _CRASH_AT and _light_fuse():
+        for settle in _BEFORE_CRASH:
+            settle()
         os.killpg(os.getpgrp(), signal.SIGKILL)
     if _HOLD_AT is not None and name == _HOLD_AT and _HOLD_FILE is not None:
         _hold(_HOLD_FILE)
