@@ -24,7 +24,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -81,51 +81,53 @@ def requests() -> list[GenerationRequest]:
     return [generation_request(spec, 0, settings.image_timeout_s) for spec in job.images]
 
 
-def local_ideal() -> float:
-    """One image and its upload, in this process: what no design can beat."""
-    generator = LocalImageGenerator(latency_s=LATENCY_S)
+def alone(make: Callable[[GenerationRequest], bytes]) -> float:
+    """The median time of ``make`` (one image's PNG) and the image's upload and signed link,
+    one image at a time, in this process: what no design can beat."""
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalImageStore(Path(tmp))
         for request in requests()[:ROUNDS]:
             started = time.perf_counter()
-            image = generator.generate(request)
+            png = make(request)
             path = f"{request.job_id}/{request.image_key}.png"
-            store.put_png(path, image.png)
+            store.put_png(path, png)
             store.signed_url(path)
             times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
+def local_ideal() -> float:
+    """One image of the local generator and its upload."""
+    generator = LocalImageGenerator(latency_s=LATENCY_S)
+    return alone(lambda request: generator.generate(request).png)
+
+
 def replicate_ideal() -> float:
     """One prediction through the official client, in sync mode as the worker creates it,
-    then its download, its check and its upload, in this process, on connections already
-    open (as the worker's are): what no design can beat on this path, measured as the local
-    path's ideal is. The prediction itself takes ``LATENCY_S``."""
-    settings = Settings(generator_backend="local", storage_backend="local")
-    with replicate_env() as env, tempfile.TemporaryDirectory() as tmp, httpx.Client() as http:
+    then its download, its check and its upload, on connections already open (as the
+    worker's are), measured as the local path's ideal is. The prediction itself takes
+    ``LATENCY_S``."""
+    version = Settings(generator_backend="local", storage_backend="local").model_version
+    with replicate_env() as env, httpx.Client() as http:
         client = ReplicateClient(
             api_token=env["REPLICATE_API_TOKEN"], base_url=env["REPLICATE_BASE_URL"]
         )
         client.accounts.current()
         http.get(env["REPLICATE_BASE_URL"])  # the downloader's connection: any answer will do
-        store = LocalImageStore(Path(tmp))
-        times = []
-        for request in requests()[:ROUNDS]:
-            started = time.perf_counter()
+
+        def predicted(request: GenerationRequest) -> bytes:
             prediction = client.predictions.create(
-                version=settings.model_version,
+                version=version,
                 input={"prompt": request.prompt, "seed": request.seed, "width": 1024},
                 wait=60,
             )
             output = prediction.output
             png = http.get(str(output[0] if isinstance(output, list) else output)).content
             check_png(png)
-            path = f"{request.job_id}/{request.image_key}.png"
-            store.put_png(path, png)
-            store.signed_url(path)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+            return png
+
+        return alone(predicted)
 
 
 def send(runner: JobRunner, traced: bool) -> Job:

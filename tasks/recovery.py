@@ -240,9 +240,6 @@ def _lease_on_start(task_id: str, task: Task, **_: Any) -> None:
     task.request.refgen_lease_token = token
 
 
-_SHOWN_MAX = 1024  # Celery's own argsrepr_maxsize
-
-
 def as_sent(task: Task, request: Context) -> dict[str, Any]:
     """The message as the watchdog would send it again, with the summary of its arguments its
     sender gave for task events (``argsrepr``, ``kwargsrepr``; tasks/reference.py ``shown``):
@@ -250,7 +247,7 @@ def as_sent(task: Task, request: Context) -> dict[str, Any]:
     spec, prompt and all, in Flower."""
     payload = dict(task.signature_from_request(request))
     shown = {
-        name: text[:_SHOWN_MAX]  # the sender's text: cut as Celery cuts its own
+        name: text[: getattr(app.amqp, f"{name}_maxsize")]  # cut as Celery cuts its own
         for name in ("argsrepr", "kwargsrepr")
         if isinstance(text := getattr(request, name, None), str) and text
     }

@@ -72,10 +72,10 @@ class _OneSyncClient:
         return cached
 
 
-# This process's consuming channels (a forked pool process consumes nothing: it starts empty).
-_CONSUMING: weakref.WeakSet[Any] = weakref.WeakSet()
+# This process's channels (a forked pool process consumes nothing: it starts empty).
+_CHANNELS: weakref.WeakSet[Any] = weakref.WeakSet()
 _TAKING_NO_MORE = threading.Event()
-os.register_at_fork(after_in_child=_CONSUMING.clear)
+os.register_at_fork(after_in_child=_CHANNELS.clear)
 
 
 class _TakesNoMoreBeforeACrash:
@@ -83,10 +83,13 @@ class _TakesNoMoreBeforeACrash:
     written, not in kombu's window between a ``BRPOP`` and the unacked set (README:
     Reliability, "One window is the broker's"): before it kills, no new ``BRPOP`` is sent."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _CHANNELS.add(self)  # once, not on every BRPOP
+
     def _brpop_start(self, timeout: Any = None) -> Any:
         if _TAKING_NO_MORE.is_set():
             return None
-        _CONSUMING.add(self)
         return super()._brpop_start(timeout)  # type: ignore[misc]
 
 
@@ -95,7 +98,7 @@ def _settle_before_a_crash(within_s: float = 2.0) -> None:
     message it may have taken is then in the unacked set, where a death does not lose it."""
     _TAKING_NO_MORE.set()
     until = time.monotonic() + within_s
-    while any(channel._in_poll for channel in list(_CONSUMING)) and time.monotonic() < until:
+    while any(channel._in_poll for channel in list(_CHANNELS)) and time.monotonic() < until:
         time.sleep(0.005)
 
 

@@ -63,10 +63,10 @@ def test_before_a_crash_the_channel_reads_what_it_asked_for_and_asks_for_no_more
     with connection.Producer() as producer:
         producer.publish({"n": 1}, exchange=QUEUE, routing_key=QUEUE)
         wait_until(lambda: taken == [{"n": 1}])
-        wait_until(lambda: any(c._in_poll for c in transport._CONSUMING))  # a BRPOP waits
+        wait_until(lambda: any(c._in_poll for c in transport._CHANNELS))  # a BRPOP waits
         transport._settle_before_a_crash()
         # Nothing asked of the broker is left unread: a death now loses no message.
-        assert not any(c._in_poll for c in transport._CONSUMING)
+        assert not any(c._in_poll for c in transport._CHANNELS)
         producer.publish({"n": 2}, exchange=QUEUE, routing_key=QUEUE)
         time.sleep(0.5)
     assert taken == [{"n": 1}]
